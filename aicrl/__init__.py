@@ -1,0 +1,1 @@
+"""AICRL: image captioning."""

@@ -1,0 +1,31 @@
+"""The model's settings as one plain dataclass with a JSON round trip (config.json of a model folder)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class CaptionerConfig:
+    encoder: str = "efficientnet-lite2"
+    feature_dim: int = 1280  # channels of the encoder grid
+    vocab_size: int = 0  # set from the vocabulary
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    style_dim: int = 64  # size of the style embedding (used when there is more than one style)
+    styles: list[str] = field(default_factory=lambda: ["factual"])
+    dropout: float = 0.5
+    max_length: int = 30  # longest caption decoding will produce (words)
+    precision: str = "auto"  # encoder autocast at inference: auto / bf16 / fp32 (match the cache)
+    length_penalty: float = 0.0  # beam score = logprob / length**length_penalty
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "CaptionerConfig":
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

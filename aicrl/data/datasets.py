@@ -1,0 +1,131 @@
+"""Readers for Flickr8k, COCO 2017 captions and style-labelled jsonl -> one `CaptionData` shape.
+
+Each reader returns the image folder plus a flat list of `Record(image, caption, split, style)`,
+so training and evaluation never care which dataset they came from.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FACTUAL = "factual"
+DATASETS = ("flickr8k", "coco")
+
+
+@dataclass(frozen=True)
+class Record:
+    image: str  # file name relative to CaptionData.image_dir
+    caption: str
+    split: str  # train / dev / test (images in no split get "none")
+    style: str = FACTUAL
+
+
+@dataclass
+class CaptionData:
+    image_dir: Path
+    records: list[Record] = field(default_factory=list)
+
+    def images(self, split: str | None = None) -> list[str]:
+        """Distinct image names (of one split, or all), in first-seen order."""
+        seen = dict.fromkeys(r.image for r in self.records if split is None or r.split == split)
+        return list(seen)
+
+    def references(self, split: str, style: str = FACTUAL) -> dict[str, list[str]]:
+        """image -> its captions of one style, for evaluation."""
+        refs: dict[str, list[str]] = defaultdict(list)
+        for r in self.records:
+            if r.split == split and r.style == style:
+                refs[r.image].append(r.caption)
+        return dict(refs)
+
+    def select(self, split: str, styles: set[str] | None = None) -> list[Record]:
+        return [r for r in self.records if r.split == split and (styles is None or r.style in styles)]
+
+    def styles(self) -> list[str]:
+        """The style labels present, factual first."""
+        found = sorted({r.style for r in self.records} - {FACTUAL})
+        return [FACTUAL, *found]
+
+    def extend(self, other: "CaptionData") -> None:
+        self.records.extend(other.records)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_flickr8k(data_dir: str | Path) -> CaptionData:
+    """Flickr8k.token.txt + the official split files; `images/` (or Flicker8k_Dataset/) beside them."""
+    data_dir = Path(data_dir)
+    image_dir = next((data_dir / d for d in ("images", "Flicker8k_Dataset", "Flickr8k_Dataset")
+                      if (data_dir / d).is_dir()), data_dir / "images")
+    split_of: dict[str, str] = {}
+    for split, name in (("train", "trainImages"), ("dev", "devImages"), ("test", "testImages")):
+        split_file = data_dir / f"Flickr_8k.{name}.txt"
+        if split_file.exists():
+            split_of.update(dict.fromkeys(_read_lines(split_file), split))
+    records, bogus = [], set()
+    for line in _read_lines(data_dir / "Flickr8k.token.txt"):
+        key, _, caption = line.partition("\t")
+        image = key.split("#")[0]
+        if not image.endswith(".jpg"):  # e.g. "2258277193_586949ec62.jpg.1": no such image
+            bogus.add(image)
+            continue
+        records.append(Record(image, caption.strip(), split_of.get(image, "none")))
+    for image in sorted(bogus):
+        log.warning("Flickr8k.token.txt: skipping captions of bogus key %r (no such image)", image)
+    return CaptionData(image_dir, records)
+
+
+def read_coco(annotation_file: str | Path, image_dir: str | Path, split: str = "train") -> CaptionData:
+    """A COCO captions file (captions_train2017.json or captions_val2017.json) and its image folder."""
+    data = json.loads(Path(annotation_file).read_text())
+    names = {img["id"]: img["file_name"] for img in data["images"]}
+    records = [Record(names[a["image_id"]], a["caption"].strip(), split) for a in data["annotations"]]
+    return CaptionData(Path(image_dir), records)
+
+
+def read_coco_dir(data_dir: str | Path) -> CaptionData:
+    """A COCO 2017 folder: annotations/captions_{train,val}2017.json with train2017/, val2017/.
+
+    COCO's val2017 serves as both dev and test here (there is no public test caption set).
+    """
+    data_dir = Path(data_dir)
+    out = CaptionData(data_dir)
+    for coco_split, split in (("train2017", "train"), ("val2017", "dev")):
+        ann = data_dir / "annotations" / f"captions_{coco_split}.json"
+        if ann.exists():
+            part = read_coco(ann, data_dir / coco_split, split)
+            out.records += [Record(f"{coco_split}/{r.image}", r.caption, r.split) for r in part.records]
+            if split == "dev":
+                out.records += [Record(f"{coco_split}/{r.image}", r.caption, "test") for r in part.records]
+    if not out.records:
+        raise FileNotFoundError(f"{data_dir}: no annotations/captions_*2017.json found")
+    return out
+
+
+def read_style_jsonl(path: str | Path, image_dir: str | Path) -> CaptionData:
+    """Style-labelled captions, one JSON object a line: {"image", "split", "style", "caption"}."""
+    records = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        try:
+            records.append(Record(d["image"], d["caption"].strip(), d["split"], d["style"].strip().lower()))
+        except KeyError as e:
+            raise ValueError(f"{path}:{n}: missing field {e}") from e
+    return CaptionData(Path(image_dir), records)
+
+
+def load_dataset(name: str, data_dir: str | Path) -> CaptionData:
+    if name == "flickr8k":
+        return read_flickr8k(data_dir)
+    if name == "coco":
+        return read_coco_dir(data_dir)
+    raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")

@@ -1,0 +1,136 @@
+"""The feature cache: every image's encoder grid, computed once, memory-mapped for training.
+
+Layout of a cache folder:
+    features.npy   (N, regions, dim) float16, memory-mapped
+    done.npy       (N,) uint8, 1 once an image's row is written (makes extraction resumable)
+    index.json     encoder, shape and the image names, row i <-> images[i]
+    failed.json    images that could not be read, with the reason
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .images import ImageLoadError, preprocess
+
+log = logging.getLogger(__name__)
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, image_dir: Path, names: Sequence[str], rows: Sequence[int]):
+        self.image_dir, self.names, self.rows = image_dir, names, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            return row, preprocess(self.image_dir / self.names[row]), ""
+        except ImageLoadError as e:
+            return row, torch.zeros(3, 224, 224), str(e)
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """'bf16' -> torch.bfloat16, 'fp32' -> None, 'auto' -> bf16 where the CPU has native bf16."""
+    if precision == "auto":
+        caps = torch.backends.cpu.get_cpu_capability().lower()
+        return torch.bfloat16 if ("amx" in caps or "avx512" in caps) else None
+    return {"bf16": torch.bfloat16, "fp32": None}[precision]
+
+
+def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Sequence[str],
+                     out_dir: str | Path, batch_size: int = 32, precision: str = "auto",
+                     num_workers: int = 1) -> dict:
+    """Write the grid features of `names` (files in `image_dir`) to the cache `out_dir`.
+
+    Resumable: rows already marked done are skipped, so rerunning after an interruption continues.
+    Returns a summary dict (images done, failed, images/s, cache size in bytes).
+    """
+    image_dir, out = Path(image_dir), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(names)
+    encoder = encoder.eval().to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        regions, dim = encoder(torch.zeros(1, 3, 224, 224)).shape[1:]
+    index = {"encoder": getattr(encoder, "name", "custom"), "regions": int(regions), "dim": int(dim),
+             "dtype": "float16", "images": names}
+    index_file = out / "index.json"
+    if index_file.exists():
+        old = json.loads(index_file.read_text())
+        if old != index:
+            raise ValueError(f"{out} holds a different cache ({old['encoder']}, {len(old['images'])} "
+                             "images); choose another --out or delete it")
+        feats = np.load(out / "features.npy", mmap_mode="r+")
+        done = np.load(out / "done.npy", mmap_mode="r+")
+    else:
+        feats = np.lib.format.open_memmap(out / "features.npy", "w+", np.float16, (len(names), regions, dim))
+        done = np.lib.format.open_memmap(out / "done.npy", "w+", np.uint8, (len(names),))
+        index_file.write_text(json.dumps(index))
+    failed_file = out / "failed.json"
+    failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
+    todo = [i for i in range(len(names)) if not done[i] and names[i] not in failed]
+    dtype = autocast_dtype(precision)
+    loader = DataLoader(_ImageFiles(image_dir, names, todo), batch_size=batch_size,
+                        num_workers=num_workers, persistent_workers=False)
+    start, count = time.perf_counter(), 0
+    bar = tqdm(total=len(todo), desc=f"features ({index['encoder']})", unit="img")
+    with torch.inference_mode():
+        for rows, images, errors in loader:
+            ok = [j for j, err in enumerate(errors) if not err]
+            for j, err in enumerate(errors):
+                if err:
+                    failed[names[int(rows[j])]] = err
+                    log.warning("skipping unreadable image: %s", err)
+            if ok:
+                batch = images[ok].contiguous(memory_format=torch.channels_last)
+                ctx = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
+                with ctx:
+                    grid = encoder(batch)
+                rows_ok = rows[ok].numpy()
+                feats[rows_ok] = grid.float().numpy().astype(np.float16)
+                feats.flush()
+                done[rows_ok] = 1  # only after the features are on disk
+                done.flush()
+            if any(errors):
+                failed_file.write_text(json.dumps(failed, indent=1))
+            count += len(rows)
+            bar.update(len(rows))
+            bar.set_postfix(img_s=f"{count / (time.perf_counter() - start):.1f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"images": len(names), "done": int(done.sum()), "failed": len(failed),
+            "processed_now": count, "seconds": round(seconds, 1),
+            "images_per_s": round(count / seconds, 1) if count else None,
+            "cache_bytes": sum(f.stat().st_size for f in out.iterdir()), "precision": str(dtype or "fp32")}
+
+
+class FeatureCache:
+    """Read side of the cache: look up rows by image name."""
+
+    def __init__(self, cache_dir: str | Path):
+        self.dir = Path(cache_dir)
+        index = json.loads((self.dir / "index.json").read_text())
+        self.encoder, self.regions, self.dim = index["encoder"], index["regions"], index["dim"]
+        self.names: list[str] = index["images"]
+        self.row = {n: i for i, n in enumerate(self.names)}
+        self.features = np.load(self.dir / "features.npy", mmap_mode="r")
+        done = np.load(self.dir / "done.npy")
+        self.available = {n for n, d in zip(self.names, done) if d}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def get(self, names: Sequence[str]) -> torch.Tensor:
+        """(len(names), regions, dim) float16 tensor."""
+        rows = [self.row[n] for n in names]
+        return torch.from_numpy(np.ascontiguousarray(self.features[rows]))

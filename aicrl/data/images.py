@@ -1,0 +1,101 @@
+"""Load one image the way the paper does: decode, fix orientation, RGB, 224x224, normalise.
+
+Every failure to read an image becomes one typed error, `ImageLoadError`, so that callers (the
+CLI, the feature extractor, the web server) can report it instead of crashing.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Refuse anything bigger than this many pixels before decoding it (decompression bombs).
+MAX_PIXELS = 64_000_000
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+
+class ImageLoadError(ValueError):
+    """The input is not an image we can read (empty, not an image, truncated, or too large)."""
+
+
+def _open(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageLoadError("empty file")
+        return Image.open(io.BytesIO(source))
+    path = Path(source)
+    if not path.is_file():
+        raise ImageLoadError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"{path}: empty file")
+    return Image.open(path)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        array = np.clip(array / top * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(array, mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(source: ImageSource, size: int = IMAGE_SIZE) -> Image.Image:
+    """Decode `source` (path, bytes or PIL image) into an RGB `size` x `size` PIL image.
+
+    Raises ImageLoadError for anything that is not a readable image.
+    """
+    name = source if isinstance(source, (str, os.PathLike)) else "image"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open(source)
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageLoadError(
+                    f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}"
+                )
+            image.load()  # decode now, so a truncated file fails here and not later
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+    except ImageLoadError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{name}: not a readable image ({e})") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
+        raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from e
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return image
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float tensor, scaled to [0, 1] and ImageNet-normalised."""
+    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+    tensor = array.permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (tensor - mean) / std
+
+
+def preprocess(source: ImageSource, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Path, bytes or PIL image -> normalised (3, size, size) tensor ready for an encoder."""
+    return to_tensor(load_image(source, size))

@@ -1,0 +1,63 @@
+"""Word-level tokenizer and vocabulary, saved as JSON."""
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+_NOT_WORD = re.compile(r"[^a-z0-9' ]+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lowercase, strip punctuation, split on whitespace ("A dog's ball." -> [a, dog's, ball])."""
+    text = _NOT_WORD.sub(" ", text.lower().replace("`", "'"))
+    return [w.strip("'") for w in text.split() if w.strip("'")]
+
+
+class Vocabulary:
+    def __init__(self, words: Sequence[str]):
+        if tuple(words[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"a vocabulary must start with {SPECIALS}")
+        self.itos = list(words)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.pad, self.start, self.end, self.unk = (self.stoi[s] for s in SPECIALS)
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_freq: int = 5) -> "Vocabulary":
+        """Words seen at least `min_freq` times, most frequent first (pass training captions only)."""
+        counts = Counter(w for c in captions for w in tokenize(c))
+        kept = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        return cls([*SPECIALS, *kept])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        """Caption -> [<start>, words..., <end>], words cut to `max_len` if given."""
+        ids = [self.stoi.get(w, self.unk) for w in tokenize(text)]
+        if max_len is not None:
+            ids = ids[:max_len]
+        return [self.start, *ids, self.end]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Ids -> text, stopping at <end> and dropping <start>/<pad>."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == self.end:
+                break
+            if i in (self.start, self.pad):
+                continue
+            words.append(self.itos[i])
+        return " ".join(words)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"itos": self.itos}, indent=0))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        return cls(json.loads(Path(path).read_text())["itos"])

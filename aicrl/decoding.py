@@ -1,0 +1,127 @@
+"""Greedy decoding and beam search, batched over images and beams (no Python loop over images).
+
+Both return, for every image, a list of `Hypothesis` (best first): the word ids, the total
+log-probability, the length-normalised score used for ranking, and the attention of every word.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model.decoder import AttentionLSTMDecoder
+
+
+@dataclass
+class Hypothesis:
+    tokens: list[int]  # word ids, without <start> and <end>
+    logprob: float  # sum of the words' log-probabilities (including <end> when emitted)
+    score: float  # logprob / length**length_penalty: the ranking key
+    attention: torch.Tensor  # (len(tokens), regions): where the model looked for each word
+
+
+def _word_logprobs(logits: torch.Tensor, start: int) -> torch.Tensor:
+    """Log-probabilities of the next word; <pad> (id 0) and <start> are never generated."""
+    logits = logits.float()
+    logits[:, [0, start]] = float("-inf")
+    return logits.log_softmax(-1)
+
+
+def _length_normalise(logprob: torch.Tensor, length: torch.Tensor, penalty: float) -> torch.Tensor:
+    return logprob if penalty == 0 else logprob / length.clamp(min=1).float() ** penalty
+
+
+@torch.inference_mode()
+def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
+                beam_size: int = 3, n_best: int = 1, max_length: int = 30,
+                styles: torch.Tensor | None = None, length_penalty: float = 0.0) -> list[list[Hypothesis]]:
+    """Beam search over a batch of image grids `features` (B, R, F).
+
+    All B*k beams advance together as one batch. A finished beam keeps its score and only extends
+    with <end> at no cost, so it competes with the open ones until the end. Decoding stops when
+    every beam has finished or after `max_length` words; beams that never emitted <end> are
+    returned as they are.
+    """
+    decoder.eval()
+    B, R, _ = features.shape
+    k = beam_size
+    n_best = min(n_best, k)
+    feats, projected, style, (h, c) = decoder.start(features, styles)
+    expand = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731  (B*k, ...)
+    feats, projected, style, h, c = map(expand, (feats, projected, style, h, c))
+
+    logprob = torch.full((B, k), float("-inf"), device=features.device)
+    logprob[:, 0] = 0.0  # at the start all k beams are the same: keep one
+    words = torch.full((B * k,), start, dtype=torch.long, device=features.device)
+    finished = torch.zeros(B, k, dtype=torch.bool, device=features.device)
+    lengths = torch.zeros(B, k, dtype=torch.long, device=features.device)
+    tokens = torch.zeros(B, k, 0, dtype=torch.long, device=features.device)
+    alphas = torch.zeros(B, k, 0, R, device=features.device)
+    batch_index = torch.arange(B, device=features.device).unsqueeze(1)
+
+    for _ in range(max_length):
+        logits, (h, c), alpha = decoder.step(words, (h, c), feats, projected, style)
+        step_lp = _word_logprobs(logits, start).view(B, k, -1)
+        vocab = step_lp.size(-1)
+        # A finished beam may only continue with <end>, at log-probability 0.
+        done_row = torch.full((vocab,), float("-inf"), device=features.device)
+        done_row[end] = 0.0
+        step_lp = torch.where(finished.unsqueeze(2), done_row, step_lp)
+        total = (logprob.unsqueeze(2) + step_lp)  # (B, k, V)
+        new_len = lengths.unsqueeze(2) + (~finished).long().unsqueeze(2)
+        rank = _length_normalise(total, new_len.expand_as(total), length_penalty)
+        # Candidates are ranked by the normalised score; keep the best k per image.
+        top_rank, top = rank.view(B, -1).topk(k, dim=1)
+        beam, word = top // vocab, top % vocab
+        logprob = total.view(B, -1).gather(1, top)
+        lengths = new_len.squeeze(2).gather(1, beam)
+        was_finished = finished.gather(1, beam)
+        finished = was_finished | (word == end)
+        tokens = torch.cat([tokens[batch_index, beam], word.unsqueeze(2)], 2)
+        alphas = torch.cat([alphas[batch_index, beam], alpha.view(B, k, R)[batch_index, beam].unsqueeze(2)], 2)
+        flat = (batch_index * k + beam).view(-1)
+        h, c = h[flat], c[flat]
+        words = word.view(-1)
+        if bool(finished.all()):
+            break
+
+    score = _length_normalise(logprob, lengths, length_penalty)
+    order = score.argsort(dim=1, descending=True)
+    results = []
+    for b in range(B):
+        hyps = []
+        for j in order[b, :n_best].tolist():
+            n = int(lengths[b, j])  # words emitted, counting <end>
+            if n and int(tokens[b, j, n - 1]) == end:
+                n -= 1
+            hyps.append(Hypothesis(tokens[b, j, :n].tolist(), float(logprob[b, j]), float(score[b, j]),
+                                   alphas[b, j, :n].clone()))
+        results.append(hyps)
+    return results
+
+
+@torch.inference_mode()
+def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
+           max_length: int = 30, styles: torch.Tensor | None = None) -> list[Hypothesis]:
+    """The most likely word at every step, for a batch of image grids (B, R, F)."""
+    decoder.eval()
+    feats, projected, style, state = decoder.start(features, styles)
+    B = features.size(0)
+    words = torch.full((B,), start, dtype=torch.long, device=features.device)
+    steps, logprobs, alphas = [], [], []
+    for _ in range(max_length):
+        logits, state, alpha = decoder.step(words, state, feats, projected, style)
+        lp, words = _word_logprobs(logits, start).max(-1)
+        steps.append(words)
+        logprobs.append(lp)
+        alphas.append(alpha)
+        if bool(torch.stack(steps, 1).eq(end).any(1).all()):
+            break
+    steps, logprobs, alphas = torch.stack(steps, 1), torch.stack(logprobs, 1), torch.stack(alphas, 1)
+    results = []
+    for b in range(B):
+        seq = steps[b].tolist()
+        n = seq.index(end) if end in seq else len(seq)
+        total = float(logprobs[b, : min(n + 1, len(seq))].sum())
+        results.append(Hypothesis(seq[:n], total, total, alphas[b, :n].clone()))
+    return results

@@ -1,0 +1,112 @@
+"""Caption metrics: the coco-caption toolkit (pycocoevalcap) for corpora, NLTK BLEU for one caption.
+
+All scores are on the 0-1 scale.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from importlib import util
+from pathlib import Path
+
+from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
+from nltk.translate.bleu_score import sentence_bleu as _nltk_sentence_bleu
+
+from .data.vocab import tokenize
+
+log = logging.getLogger(__name__)
+
+_BLEU_WEIGHTS = [(1, 0, 0, 0), (0.5, 0.5, 0, 0), (1 / 3, 1 / 3, 1 / 3, 0), (0.25, 0.25, 0.25, 0.25)]
+
+
+def _have_java() -> bool:
+    return shutil.which("java") is not None
+
+
+def _spice_models_present() -> bool:
+    spec = util.find_spec("pycocoevalcap")
+    lib = Path(spec.origin).parent / "spice" / "lib" if spec and spec.origin else None
+    return bool(lib and any(lib.glob("stanford-corenlp-3.6.0*.jar")))
+
+
+def coco_scores(predictions: dict[str, str], references: dict[str, list[str]],
+                metrics: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider", "spice")) -> dict[str, float]:
+    """Corpus metrics of the coco-caption toolkit over images that have both a prediction and references.
+
+    Tokenises with its PTB tokenizer (Java) where Java is present, else with ours. METEOR needs Java;
+    SPICE needs Java and the Stanford CoreNLP models (a download): metrics that cannot run are skipped
+    with a log line, never faked.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = [i for i in predictions if i in references]
+    if _have_java():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        res = tok.tokenize({i: [{"caption": predictions[i]}] for i in ids})
+        gts = tok.tokenize({i: [{"caption": r} for r in references[i]] for i in ids})
+    else:
+        res = {i: [" ".join(tokenize(predictions[i]))] for i in ids}
+        gts = {i: [" ".join(tokenize(r)) for r in references[i]] for i in ids}
+    out: dict[str, float] = {}
+    if "bleu" in metrics:
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        out |= {f"BLEU-{n + 1}": float(b) for n, b in enumerate(bleu)}
+    if "meteor" in metrics:
+        if _have_java():
+            from pycocoevalcap.meteor.meteor import Meteor
+
+            meteor = Meteor()
+            out["METEOR"] = float(meteor.compute_score(gts, res)[0])
+            meteor.close() if hasattr(meteor, "close") else None
+        else:
+            log.warning("METEOR skipped: it needs Java")
+    if "rouge" in metrics:
+        out["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    if "cider" in metrics:
+        out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if "spice" in metrics:
+        if _have_java() and _spice_models_present():
+            from pycocoevalcap.spice.spice import Spice
+
+            out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+        else:
+            log.info("SPICE skipped: it needs the Stanford CoreNLP 3.6.0 models, a download")
+    return out
+
+
+def quick_scores(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """BLEU-4 and CIDEr without Java (our tokenizer): fast enough for every epoch's dev check."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    ids = [i for i in predictions if i in references]
+    res = {i: [" ".join(tokenize(predictions[i])) or "<empty>"] for i in ids}
+    gts = {i: [" ".join(tokenize(r)) for r in references[i]] for i in ids}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {"BLEU-4": float(bleu[3]), "CIDEr": float(Cider().compute_score(gts, res)[0])}
+
+
+def nltk_corpus_bleu(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """NLTK corpus BLEU-1..4 on our tokens: the kind of number the paper reports."""
+    ids = [i for i in predictions if i in references]
+    hyps = [tokenize(predictions[i]) for i in ids]
+    refs = [[tokenize(r) for r in references[i]] for i in ids]
+    return {f"BLEU-{n + 1}": float(corpus_bleu(refs, hyps, weights=w)) for n, w in enumerate(_BLEU_WEIGHTS)}
+
+
+def sentence_bleu(candidate: str, references: list[str]) -> dict[str, float]:
+    """BLEU-1..4 of one caption against one or more references (smoothed, as short texts need),
+    and the combined score (BLEU-4, the geometric mean of the 1- to 4-gram precisions)."""
+    refs = [tokenize(r) for r in references if tokenize(r)]
+    hyp = tokenize(candidate)
+    if not refs:
+        raise ValueError("give at least one non-empty reference caption")
+    smooth = SmoothingFunction().method1
+    scores = {f"BLEU-{n + 1}": float(_nltk_sentence_bleu(refs, hyp, weights=w, smoothing_function=smooth))
+              if hyp else 0.0 for n, w in enumerate(_BLEU_WEIGHTS)}
+    scores["BLEU"] = scores["BLEU-4"]
+    return scores

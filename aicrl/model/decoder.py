@@ -1,0 +1,106 @@
+"""The attention LSTM decoder (Show, Attend and Tell, soft attention), its whole forward pass here.
+
+At each step t the decoder
+  1. scores every image region against the previous hidden state (additive attention) -> alpha_t,
+  2. takes the weighted sum of region features, scaled by a learnt gate beta_t -> context z_t,
+  3. feeds [word embedding of y_{t-1}; z_t; style embedding] to an LSTM cell,
+  4. predicts y_t from the dropped-out hidden state, the context and the word embedding (deep output).
+The initial state comes from the mean region feature (and the style). An optional style label picks
+one of `config.styles` (factual, humorous, romantic, or any set of personality traits).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import CaptionerConfig
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+class AdditiveAttention(nn.Module):
+    def __init__(self, feature_dim: int, hidden_dim: int, attention_dim: int):
+        super().__init__()
+        self.project_features = nn.Linear(feature_dim, attention_dim)
+        self.project_hidden = nn.Linear(hidden_dim, attention_dim)
+        self.score = nn.Linear(attention_dim, 1)
+
+    def forward(self, features: torch.Tensor, projected: torch.Tensor, hidden: torch.Tensor):
+        """features (B, R, F), projected = project_features(features) (B, R, A), hidden (B, H)."""
+        energy = self.score(torch.tanh(projected + self.project_hidden(hidden).unsqueeze(1))).squeeze(2)
+        alpha = energy.softmax(dim=1)  # (B, R)
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, F)
+        return context, alpha
+
+
+class AttentionLSTMDecoder(nn.Module):
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        c = self.config = config
+        style_dim = c.style_dim if len(c.styles) > 1 else 0
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.style_embed = nn.Embedding(len(c.styles), style_dim) if style_dim else None
+        self.feature_norm = nn.LayerNorm(c.feature_dim)
+        self.attention = AdditiveAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        self.init_h = nn.Linear(c.feature_dim + style_dim, c.hidden_dim)
+        self.init_c = nn.Linear(c.feature_dim + style_dim, c.hidden_dim)
+        self.gate = nn.Linear(c.hidden_dim, c.feature_dim)  # beta_t, "is the model looking at the image"
+        self.lstm = nn.LSTMCell(c.embed_dim + c.feature_dim + style_dim, c.hidden_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        # Deep output layer (SAT eq. 7): words from hidden state, context and previous word.
+        self.out_hidden = nn.Linear(c.hidden_dim, c.embed_dim)
+        self.out_context = nn.Linear(c.feature_dim, c.embed_dim, bias=False)
+        self.out_words = nn.Linear(c.embed_dim, c.vocab_size)
+
+    # --- pieces shared by training (forward) and decoding (decoding.py) ---
+
+    def start(self, features: torch.Tensor, styles: torch.Tensor | None = None):
+        """Prepare a batch of image grids: normalised features, their attention projection,
+        the style vector and the initial LSTM state."""
+        features = self.feature_norm(features.float())
+        style = None
+        if self.style_embed is not None:
+            if styles is None:
+                styles = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
+            style = self.style_embed(styles)
+        pooled = features.mean(1) if style is None else torch.cat([features.mean(1), style], 1)
+        state = (torch.tanh(self.init_h(pooled)), torch.tanh(self.init_c(pooled)))
+        return features, self.attention.project_features(features), style, state
+
+    def step(self, words: torch.Tensor, state: State, features: torch.Tensor,
+             projected: torch.Tensor, style: torch.Tensor | None):
+        """One word: previous words (B,) -> logits (B, V), new state, attention (B, R)."""
+        h, c = state
+        context, alpha = self.attention(features, projected, h)
+        context = torch.sigmoid(self.gate(h)) * context
+        embedded = self.embed(words)
+        inputs = [embedded, context] if style is None else [embedded, context, style]
+        h, c = self.lstm(torch.cat(inputs, 1), (h, c))
+        deep = embedded + self.out_hidden(self.dropout(h)) + self.out_context(context)
+        logits = self.out_words(self.dropout(torch.tanh(deep)))
+        return logits, (h, c), alpha
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, styles: torch.Tensor | None = None):
+        """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V) for
+        captions[:, 1:] and attention (B, T-1, R)."""
+        features, projected, style, state = self.start(features, styles)
+        logits, alphas = [], []
+        for t in range(captions.size(1) - 1):
+            step_logits, state, alpha = self.step(captions[:, t], state, features, projected, style)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+def caption_loss(logits: torch.Tensor, alphas: torch.Tensor, targets: torch.Tensor, pad: int,
+                 attention_penalty: float = 1.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the words plus the doubly stochastic attention penalty
+    lambda * sum_regions (1 - sum_t alpha_t)^2, which asks every region to be looked at once."""
+    mask = targets != pad
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                          ignore_index=pad, label_smoothing=label_smoothing)
+    if attention_penalty == 0:
+        return nll
+    coverage = (alphas.float() * mask.unsqueeze(2)).sum(1)  # (B, R)
+    return nll + attention_penalty * ((1.0 - coverage) ** 2).mean()

