@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .serving.commands import add_index, add_serve
+
 
 def _add_extract(sub) -> None:
     p = sub.add_parser("extract-features", help="cache the encoder's grid features of a dataset's images",
@@ -38,13 +40,210 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def _train_options(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    """One flag per TrainConfig field, so the dataclass stays the one place for defaults."""
+    from dataclasses import fields
+
+    from .training import TrainConfig
+
+    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+    helps = {"data_dir": "dataset folder (e.g. ../shared/data/flickr8k)", "features": "feature cache folder",
+             "style_file": "jsonl of styled captions to train with (style-conditioned model)",
+             "out": "output folder", "metric": "dev metric for early stopping and selection",
+             "train_images": "use only the first N training images (0 = all)",
+             "precision": "decoder autocast: auto (bf16 where fast), bf16 or fp32"}
+    for f in fields(TrainConfig):
+        if f.name in ("extra", "show_progress"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=helps.get(f.name, f.name.replace("_", " ")))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            p.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name, f.name.replace("_", " ")),
+                           required=f.name in ("data_dir", "features"))
+    return p
+
+
+def _add_train(sub) -> None:
+    p = _train_options(sub, "train", help="train the attention-LSTM decoder on cached features",
+                       description="Train a captioner by maximum likelihood (teacher forcing) on a feature "
+                       "cache. Writes checkpoint.pt after every epoch, log.jsonl, curves.png and the best "
+                       "epoch as a model folder OUT/best. Works under torchrun --nproc_per_node=N.")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+
+def _add_search(sub) -> None:
+    p = _train_options(sub, "search", help="run the paper's hyperparameter grid on a small budget",
+                       description="Train every combination of learning rate {0.001, 0.01, 0.1} x batch "
+                       "size {32, 64, 128} x optimizer {adam, sgd} with the other training options as the "
+                       "budget (e.g. --train-images 1000 --epochs 2) and write a Markdown results table.")
+    p.add_argument("--table", default="docs/hparam_search.md", help="where to write the results table")
+    p.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from .hparam_search import grid_search
+
+    rows = grid_search(_train_config(args), args.table)
+    print(json.dumps(rows[0]))
+    return 0
+
+
+def _train_config(args):
+    from dataclasses import fields
+
+    from .training import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
+
+
+def cmd_train(args) -> int:
+    from .training import train
+
+    print(json.dumps(train(_train_config(args), resume=args.resume)))
+    return 0
+
+
+def _expand(paths: list[str]) -> tuple[list[Path], bool]:
+    """Files stay, folders become their image files (sorted); True when a folder was given."""
+    from .data.images import IMAGE_SUFFIXES
+
+    files, folder = [], False
+    for p in map(Path, paths):
+        if p.is_dir():
+            folder = True
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    return files, folder
+
+
+def _add_caption(sub) -> None:
+    p = sub.add_parser("caption", help="caption image files or folders (the shipped model by default)",
+                       description="Caption images with beam search. Prints one caption per image, or with "
+                       "--json one JSON object per image per line: image, captions [{text, score}] best "
+                       "first, timing_ms. Unreadable files are reported on stderr (exit status 1).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files and/or folders of images")
+    p.add_argument("--model", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--beam-size", type=int, default=3, help="beam width (1 = greedy)")
+    p.add_argument("--n-best", type=int, default=1, help="how many captions per image")
+    p.add_argument("--style", help="caption style, e.g. factual, humorous, romantic (see the model's styles)")
+    p.add_argument("--json", action="store_true", help="JSON lines output for machines")
+    p.add_argument("--attention", metavar="PNG", help="save each word's attention map over the image "
+                   "(with several images: one file per image, named PNG-STEM.png)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_caption)
+
+
+def cmd_caption(args) -> int:
+    from tqdm import tqdm
+
+    from .data.images import ImageLoadError, load_image
+    from .model.captioner import Captioner
+    from .visualize import attention_figure
+
+    files, folder = _expand(args.images)
+    captioner = Captioner.from_pretrained(args.model)
+    if args.style and args.style not in captioner.styles:
+        sys.exit(f"aicrl: unknown style {args.style!r}; this model knows {', '.join(captioner.styles)}")
+    failures = 0
+    bar = tqdm(total=len(files), unit="img", file=sys.stderr, disable=not folder)
+    for i in range(0, len(files), args.batch_size):
+        chunk, images = [], []
+        for f in files[i:i + args.batch_size]:
+            try:
+                images.append(load_image(f))
+                chunk.append(f)
+            except ImageLoadError as e:
+                failures += 1
+                print(f"aicrl: skipping {e}", file=sys.stderr)
+        if images:
+            results = captioner.caption(images, args.beam_size, max(args.n_best, 1), args.style)
+            for f, image, result in zip(chunk, images, results):
+                if args.json:
+                    print(json.dumps({"image": str(f)} | result.to_dict()), flush=True)
+                else:
+                    lines = [c.text for c in result.captions]
+                    prefix = f"{f}: " if len(files) > 1 else ""
+                    print(prefix + ("\n" + " " * len(prefix)).join(lines), flush=True)
+                if args.attention:
+                    out = Path(args.attention)
+                    if len(files) > 1:
+                        out = out.with_name(f"{out.stem}-{f.stem}{out.suffix or '.png'}")
+                    best = result.captions[0]
+                    attention_figure(image, best.words, best.attention, out, best.text)
+        bar.update(len(files[i:i + args.batch_size]))
+    bar.close()
+    return 1 if failures else 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a model on a test split (BLEU-1..4, METEOR, ROUGE-L, CIDEr)",
+                       description="Caption every image of a split with beam search and score the captions "
+                       "with the coco-caption toolkit (pycocoevalcap) and NLTK corpus BLEU. With --style "
+                       "(and --style-file) it scores styled captions on the style file's dev images: BLEU, "
+                       "METEOR, CIDEr against styled references, style accuracy and content overlap.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", help="model folder (default: the shipped model)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k")
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--features", help="feature cache of the same encoder (much faster than images)")
+    p.add_argument("--beam-size", type=int, default=3)
+    p.add_argument("--style", help="evaluate this style (needs --style-file); default: factual captions")
+    p.add_argument("--style-file", help="styled captions jsonl (FlickrStyle7k format)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
+    p.add_argument("--out", help="write the results JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
+    from .evaluation import StyleClassifier, caption_split, evaluate_factual, evaluate_style
+    from .model.captioner import Captioner
+
+    captioner = Captioner.from_pretrained(args.model)
+    data = load_dataset(args.dataset, args.data_dir)
+    settings = {"model": args.model or "shipped", "beam_size": args.beam_size}
+    if args.style and args.style != FACTUAL:
+        if not args.style_file:
+            sys.exit("aicrl: --style needs --style-file (the styled references)")
+        styled = read_style_jsonl(args.style_file, data.image_dir)
+        split = "dev" if args.split == "test" else args.split  # FlickrStyle has no test images
+        refs = styled.references(split, args.style)
+        names = list(refs)[: args.limit or None]
+        preds = caption_split(captioner, data.image_dir, names, args.features, args.beam_size, args.style)
+        train_caps = styled.select("train") + data.select("train")
+        held_out = styled.select(split) + data.select(split)
+        classifier = StyleClassifier().fit([r.caption for r in train_caps], [r.style for r in train_caps])
+        result = evaluate_style(preds, refs, data.references(split), args.style, classifier)
+        result["classifier_accuracy_on_human_captions"] = classifier.accuracy(
+            [r.caption for r in held_out], [r.style for r in held_out])
+        settings["split"] = f"FlickrStyle {split}"
+    else:
+        refs = data.references(args.split)
+        names = list(refs)[: args.limit or None]
+        preds = caption_split(captioner, data.image_dir, names, args.features, args.beam_size)
+        result = evaluate_factual(preds, refs)
+        settings["split"] = args.split
+    result = settings | result | {"examples": dict(list(preds.items())[:5])}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aicrl", description="AICRL: image captioning with a pretrained CNN encoder and an "
         "attention LSTM decoder. Caption photos, train and evaluate models, serve the web app.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_extract,):
+    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_train, _add_search, _add_extract):
         add(sub)
     return parser
 

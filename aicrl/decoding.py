@@ -20,10 +20,11 @@ class Hypothesis:
     attention: torch.Tensor  # (len(tokens), regions): where the model looked for each word
 
 
-def _word_logprobs(logits: torch.Tensor, start: int) -> torch.Tensor:
-    """Log-probabilities of the next word; <pad> (id 0) and <start> are never generated."""
+def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool) -> torch.Tensor:
+    """Log-probabilities of the next word; <pad> (id 0) and <start> are never generated, and
+    <end> not before the first word (an empty caption helps nobody)."""
     logits = logits.float()
-    logits[:, [0, start]] = float("-inf")
+    logits[:, [0, start] if allow_end else [0, start, end]] = float("-inf")
     return logits.log_softmax(-1)
 
 
@@ -59,9 +60,9 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
     alphas = torch.zeros(B, k, 0, R, device=features.device)
     batch_index = torch.arange(B, device=features.device).unsqueeze(1)
 
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, (h, c), alpha = decoder.step(words, (h, c), feats, projected, style)
-        step_lp = _word_logprobs(logits, start).view(B, k, -1)
+        step_lp = _word_logprobs(logits, start, end, allow_end=t > 0).view(B, k, -1)
         vocab = step_lp.size(-1)
         # A finished beam may only continue with <end>, at log-probability 0.
         done_row = torch.full((vocab,), float("-inf"), device=features.device)
@@ -109,9 +110,9 @@ def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, en
     B = features.size(0)
     words = torch.full((B,), start, dtype=torch.long, device=features.device)
     steps, logprobs, alphas = [], [], []
-    for _ in range(max_length):
+    for t in range(max_length):
         logits, state, alpha = decoder.step(words, state, feats, projected, style)
-        lp, words = _word_logprobs(logits, start).max(-1)
+        lp, words = _word_logprobs(logits, start, end, allow_end=t > 0).max(-1)
         steps.append(words)
         logprobs.append(lp)
         alphas.append(alpha)

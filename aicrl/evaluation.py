@@ -110,3 +110,95 @@ def sentence_bleu(candidate: str, references: list[str]) -> dict[str, float]:
               if hyp else 0.0 for n, w in enumerate(_BLEU_WEIGHTS)}
     scores["BLEU"] = scores["BLEU-4"]
     return scores
+
+
+# ----------------------------------------------------------------------------- styles
+
+class StyleClassifier:
+    """Which style is a caption written in? Logistic regression on word 1-2-gram TF-IDF (scikit-learn),
+    trained on human captions; used to check that styled captions really come out in their style."""
+
+    def __init__(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        self.pipeline = make_pipeline(
+            TfidfVectorizer(tokenizer=tokenize, token_pattern=None, ngram_range=(1, 2), min_df=2,
+                            sublinear_tf=True),
+            LogisticRegression(max_iter=2000, C=4.0, class_weight="balanced"))
+
+    def fit(self, captions: list[str], styles: list[str]) -> "StyleClassifier":
+        self.pipeline.fit(captions, styles)
+        return self
+
+    def predict(self, captions: list[str]) -> list[str]:
+        return list(self.pipeline.predict(captions))
+
+    def accuracy(self, captions: list[str], styles: list[str]) -> dict[str, float]:
+        """Share classified correctly, per style and overall."""
+        predicted = self.predict(captions)
+        out = {}
+        for style in sorted(set(styles)):
+            pairs = [(p, s) for p, s in zip(predicted, styles) if s == style]
+            out[style] = sum(p == s for p, s in pairs) / len(pairs)
+        out["overall"] = sum(p == s for p, s in zip(predicted, styles)) / len(styles)
+        return out
+
+
+def content_words(text: str) -> set[str]:
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    return {w for w in tokenize(text) if w not in ENGLISH_STOP_WORDS and len(w) > 2}
+
+
+def content_overlap(predictions: dict[str, str], factual_refs: dict[str, list[str]]) -> float:
+    """Share of captions that share at least one content word with the image's factual references:
+    a style that ignores the image scores low here."""
+    ids = [i for i in predictions if i in factual_refs]
+    hits = sum(bool(content_words(predictions[i]) & set().union(*map(content_words, factual_refs[i])))
+               for i in ids)
+    return hits / max(len(ids), 1)
+
+
+# ----------------------------------------------------------------------------- whole splits
+
+def caption_split(captioner, image_dir: str | Path, names: list[str], cache_dir: str | Path | None = None,
+                  beam_size: int = 3, style: str | None = None, batch_size: int = 50) -> dict[str, str]:
+    """Caption `names` (files in image_dir) in batches; uses a feature cache when given (same encoder)."""
+    from tqdm import tqdm
+
+    cache = None
+    if cache_dir:
+        from .data.features import FeatureCache
+
+        cache = FeatureCache(cache_dir)
+        if cache.encoder != captioner.config.encoder:
+            raise ValueError(f"cache {cache_dir} holds {cache.encoder} features, the model uses "
+                             f"{captioner.config.encoder}")
+    out = {}
+    for i in tqdm(range(0, len(names), batch_size), desc=f"captioning ({style or 'factual'})", unit="batch"):
+        chunk = names[i:i + batch_size]
+        if cache is not None and not captioner.encoder_finetuned:
+            features = cache.get(chunk).float()
+        else:
+            features = captioner.encode([Path(image_dir) / n for n in chunk])
+        for name, hyps in zip(chunk, captioner.decode(features, beam_size, 1, style)):
+            out[name] = captioner.vocab.decode(hyps[0].tokens)
+    return out
+
+
+def evaluate_factual(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
+    return {"coco_caption": coco_scores(predictions, references),
+            "nltk_corpus_bleu": nltk_corpus_bleu(predictions, references), "images": len(predictions)}
+
+
+def evaluate_style(predictions: dict[str, str], styled_refs: dict[str, list[str]],
+                   factual_refs: dict[str, list[str]], style: str, classifier: StyleClassifier) -> dict:
+    """Styled captions against styled references, their style accuracy and their content overlap."""
+    scores = coco_scores(predictions, styled_refs, metrics=("bleu", "meteor", "cider"))
+    kept = {k: scores[k] for k in ("BLEU-1", "BLEU-3", "METEOR", "CIDEr") if k in scores}
+    predicted = classifier.predict(list(predictions.values()))
+    return {"style": style, "images": len(predictions), **kept,
+            "style_accuracy": sum(p == style for p in predicted) / max(len(predicted), 1),
+            "content_overlap": content_overlap(predictions, factual_refs)}

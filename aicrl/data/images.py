@@ -21,6 +21,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Refuse anything bigger than this many pixels before decoding it (decompression bombs).
 MAX_PIXELS = 64_000_000
 
+# File name endings taken as images when a folder is captioned or indexed.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
 

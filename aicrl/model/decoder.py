@@ -4,7 +4,8 @@ At each step t the decoder
   1. scores every image region against the previous hidden state (additive attention) -> alpha_t,
   2. takes the weighted sum of region features, scaled by a learnt gate beta_t -> context z_t,
   3. feeds [word embedding of y_{t-1}; z_t; style embedding] to an LSTM cell,
-  4. predicts y_t from the dropped-out hidden state, the context and the word embedding (deep output).
+  4. predicts y_t from the dropped-out hidden state, the context, the word embedding and the style
+     (deep output).
 The initial state comes from the mean region feature (and the style). An optional style label picks
 one of `config.styles` (factual, humorous, romantic, or any set of personality traits).
 """
@@ -51,6 +52,8 @@ class AttentionLSTMDecoder(nn.Module):
         # Deep output layer (SAT eq. 7): words from hidden state, context and previous word.
         self.out_hidden = nn.Linear(c.hidden_dim, c.embed_dim)
         self.out_context = nn.Linear(c.feature_dim, c.embed_dim, bias=False)
+        # The style also enters the output layer directly, so it can steer every word choice.
+        self.out_style = nn.Linear(style_dim, c.embed_dim, bias=False) if style_dim else None
         self.out_words = nn.Linear(c.embed_dim, c.vocab_size)
 
     # --- pieces shared by training (forward) and decoding (decoding.py) ---
@@ -78,6 +81,8 @@ class AttentionLSTMDecoder(nn.Module):
         inputs = [embedded, context] if style is None else [embedded, context, style]
         h, c = self.lstm(torch.cat(inputs, 1), (h, c))
         deep = embedded + self.out_hidden(self.dropout(h)) + self.out_context(context)
+        if style is not None:
+            deep = deep + self.out_style(style)
         logits = self.out_words(self.dropout(torch.tanh(deep)))
         return logits, (h, c), alpha
 

@@ -1,0 +1,140 @@
+"""The `aicrl serve` and `aicrl index` subcommands (registered by aicrl/cli.py)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..data.images import IMAGE_SUFFIXES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DB = "data/gallery.db"
+MAX_FILE_BYTES = 100 * 1024 * 1024  # `aicrl index` skips bigger files instead of reading them
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="run the web app: caption photos in the browser, search the gallery",
+        description="Serve the captioning page and its REST API (FastAPI + uvicorn). Open "
+        "http://127.0.0.1:8000 in a browser: choose or drop a photo, press Captionize. Every captioned "
+        "photo is kept in the gallery (SQLite database, images in an 'images' folder beside it), which "
+        "the Query tab searches. API schema: /openapi.json.")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to "
+                        "your network, and with it the gallery)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
+                   help=f"gallery database; images go in an 'images' folder beside it (default {DEFAULT_DB})")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
+    p.add_argument("--max-waiting", type=int, default=4, metavar="N",
+                   help="requests that may wait while one image is captioned; more get HTTP 503 (default 4)")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip captioning a test image at start (faster start, slower first request)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    try:
+        app = create_app(model_dir=args.model, db_path=args.db, max_waiting=args.max_waiting,
+                         warmup=not args.no_warmup)
+    except FileNotFoundError as e:
+        print(f"aicrl serve: cannot load the model: {e}. Pass --model DIR with a trained model folder.",
+              file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this address can caption images and see the "
+                    "gallery", args.host)
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"AICRL: open http://{shown}:{args.port} (gallery: {args.db}); Ctrl+C stops.", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)
+    return 0
+
+
+def add_index(sub) -> None:
+    p = sub.add_parser(
+        "index", help="caption every image of a folder into the gallery",
+        description="Caption every image file of FOLDER (.jpg .jpeg .png .gif .webp .bmp .tif .tiff) and "
+        "store it in the gallery that `aicrl serve` searches. Files already in the gallery (same "
+        "content, by SHA-256) are skipped, so rerunning only adds new photos. Unreadable files are "
+        "reported and skipped. Progress goes to stderr; a JSON summary to stdout.")
+    p.add_argument("folder", help="folder of images")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"gallery database (default {DEFAULT_DB})")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
+    p.add_argument("--recursive", "-r", action="store_true", help="also index images in subfolders")
+    p.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
+    p.add_argument("--style", help="caption style (default: the model's first, factual)")
+    p.set_defaults(func=cmd_index)
+
+
+def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner=None,
+                 model_dir: str | Path | None = None, recursive: bool = False, beam_size: int = 3,
+                 style: str | None = None, progress: bool = True) -> dict:
+    """Caption the images of `folder` into the gallery at `db_path`; returns a summary dict."""
+    from tqdm import tqdm
+
+    from ..data.images import ImageLoadError
+    from .gallery import Gallery, open_image, sha256_bytes
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder")
+    if captioner is None:
+        from ..model.captioner import Captioner
+
+        captioner = Captioner.from_pretrained(model_dir)
+    style = style or captioner.styles[0]
+    if style not in captioner.styles:
+        raise ValueError(f"unknown style {style!r}; this model knows {captioner.styles}")
+    gallery = Gallery(db_path)
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    summary = {"folder": str(folder), "db": str(db_path), "found": len(images), "indexed": 0,
+               "skipped_duplicates": 0, "unreadable": [], "ignored_files": len(files) - len(images)}
+    seen: set[str] = set()
+    start = time.perf_counter()
+    bar = tqdm(images, desc="indexing", unit="img", file=sys.stderr, disable=not progress)
+    for path in bar:
+        name = str(path.relative_to(folder))
+        try:
+            if path.stat().st_size > MAX_FILE_BYTES:
+                raise ImageLoadError(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
+            data = path.read_bytes()
+            digest = sha256_bytes(data)
+            if digest in seen or gallery.has_sha256(digest):
+                summary["skipped_duplicates"] += 1
+                continue
+            image = open_image(data)
+            result = captioner.caption([data], beam_size=beam_size, n_best=beam_size, style=style)[0]
+        except (ImageLoadError, OSError) as e:
+            summary["unreadable"].append({"file": name, "error": str(e)})
+            bar.write(f"skipping {name}: {e}", file=sys.stderr)
+            continue
+        captions = [{"text": c.text, "score": c.score} for c in result.captions]
+        gallery.add(image, captions, result.style, digest, source=name)
+        seen.add(digest)
+        summary["indexed"] += 1
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary["seconds"] = round(seconds, 2)
+    summary["images_per_second"] = round(summary["indexed"] / seconds, 2) if seconds > 0 else None
+    summary["gallery_images"] = gallery.count()
+    return summary
+
+
+def cmd_index(args) -> int:
+    try:
+        summary = index_folder(args.folder, args.db, model_dir=args.model, recursive=args.recursive,
+                               beam_size=args.beam_size, style=args.style)
+    except (NotADirectoryError, FileNotFoundError, ValueError) as e:
+        print(f"aicrl index: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0

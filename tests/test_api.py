@@ -1,0 +1,393 @@
+"""The web app's REST API, with a tiny model (FastAPI TestClient, no network, no browser)."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from aicrl.serving.app import create_app
+from aicrl.serving.commands import add_index, add_serve
+from aicrl.serving.gallery import Gallery, fts_query
+
+from .conftest import SAMPLES, WEB_METRICS
+
+ID = re.compile(r"^[0-9a-f]{32}$")
+CHELSEA = (SAMPLES / "chelsea.jpg").read_bytes()
+
+
+# --- helpers ---
+
+@pytest.fixture
+def web_app(web_model_dir, web_captioner, tmp_path):
+    return create_app(model_dir=web_model_dir, db_path=tmp_path / "data" / "gallery.db", captioner=web_captioner)
+
+
+@pytest.fixture
+def client(web_app):
+    with TestClient(web_app) as c:
+        yield c
+
+
+def stored_files(app) -> list[Path]:
+    return sorted(app.state.gallery.image_dir.iterdir())
+
+
+def post_image(client, data=CHELSEA, name="chelsea.jpg", content_type="image/jpeg", **fields):
+    return client.post("/api/captions", files={"image": (name, data, content_type)},
+                       data={k: str(v) for k, v in fields.items()})
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels but holds almost no data (a decompression bomb)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def multipart(field: str, filename: str, data: bytes, boundary: str = "webtestboundary") -> tuple[bytes, str]:
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+# --- the page and the meta endpoints ---
+
+def test_homepage_static_files_and_security_headers(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    html = page.text
+    for text in ("Input Image", "Captionize", "Captions will appear here...", "Refresh", "Speak",
+                 'id="tab-query"', 'id="tab-info"', 'id="references"', 'id="dropzone"', 'type="file"'):
+        assert text in html, text
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "img-src 'self' blob: data:" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-content-type-options"] == "nosniff"
+    assert page.headers["x-frame-options"] == "DENY"
+    assert page.headers["referrer-policy"]
+    js = client.get("/static/app.js")
+    css = client.get("/static/style.css")
+    assert js.status_code == css.status_code == 200
+    assert "javascript" in js.headers["content-type"] and css.headers["content-type"].startswith("text/css")
+    assert js.headers["x-content-type-options"] == "nosniff"
+    # works offline: nothing is loaded from another site; no inline script or handler; no innerHTML
+    for text in (html, js.text, css.text):
+        assert not re.search(r"(src|href)=[\"']?(https?:)?//", text) and "@import" not in text
+    assert not re.search(r"<script(?![^>]*\bsrc=)", html), "inline script"
+    assert not re.search(r"\son[a-z]+=", html), "inline event handler"
+    assert "innerHTML" not in js.text and "insertAdjacentHTML" not in js.text and "eval(" not in js.text
+
+
+def test_healthz_openapi_and_no_cdn_docs(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    schema = client.get("/openapi.json").json()
+    for path in ("/api/captions", "/api/search", "/api/images/{image_id}", "/api/info", "/api/bleu", "/healthz"):
+        assert path in schema["paths"], path
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_info_is_the_model_card(client):
+    info = client.get("/api/info").json()
+    assert info["styles"] == ["factual", "humorous", "romantic"] and info["default_style"] == "factual"
+    assert info["metrics"] == WEB_METRICS
+    assert info["architecture"]["encoder"] == "efficientnet-lite2"
+    assert info["architecture"]["encoder_features"] == "7x7x1280"
+    text = " ".join(info["limitations"])
+    assert "Flickr8k" in text and "FlickrStyle7k" in text
+    assert info["limits"]["max_upload_bytes"] == 20 * 1024 * 1024
+    assert info["latency"]["count"] == 0
+    post_image(client)
+    latency = client.get("/api/info").json()["latency"]
+    assert latency["count"] == 1 and latency["model_ms_median"] > 0
+
+
+def test_warmup_measures_latency_without_storing(web_model_dir, web_captioner, tmp_path):
+    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=web_captioner, warmup=True)
+    with TestClient(app) as c:
+        assert c.get("/api/info").json()["latency"]["count"] == 1  # the first, slower run is not counted
+    assert app.state.gallery.count() == 0
+
+
+# --- captioning ---
+
+def test_caption_an_image_and_keep_it_in_the_gallery(client, web_app):
+    r = post_image(client)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert ID.match(body["id"]) and body["style"] == "factual" and body["beam_size"] == 3
+    caps = body["captions"]
+    assert len(caps) == 3 and all(c["text"] for c in caps)  # n_best defaults to the beam size
+    assert [c["score"] for c in caps] == sorted((c["score"] for c in caps), reverse=True)
+    att = body["attention"]
+    assert att["grid"] == 7 and att["words"] == caps[0]["text"].split()
+    assert len(att["weights"]) == len(att["words"]) and all(len(w) == 49 for w in att["weights"])
+    assert all(abs(sum(w) - 1) < 0.01 for w in att["weights"])
+    assert body["timing_ms"]["encode"] > 0 and "decode" in body["timing_ms"]
+    assert "bleu" not in body
+    image = client.get(body["image_url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(image.content)).size == (451, 300)  # chelsea.jpg, EXIF stripped
+    thumb = client.get(body["thumbnail_url"])
+    assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) == 320
+    assert web_app.state.gallery.count() == 1 and len(stored_files(web_app)) == 2
+
+
+def test_beam_size_n_best_and_style(client):
+    one = post_image(client, beam_size=1).json()
+    assert len(one["captions"]) == 1 and one["beam_size"] == 1
+    two = post_image(client, beam_size=4, n_best=2).json()
+    assert len(two["captions"]) == 2
+    funny = post_image(client, style="humorous").json()
+    assert funny["style"] == "humorous" and funny["captions"][0]["text"]
+
+
+def test_references_give_bleu(client):
+    first = post_image(client).json()["captions"][0]["text"]
+    body = post_image(client, references=f"{first}\n\n  a completely different sentence  \n").json()
+    assert set(body["bleu"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "BLEU"}
+    assert body["bleu"]["BLEU-1"] == pytest.approx(1.0) and body["bleu"]["BLEU"] == body["bleu"]["BLEU-4"]
+    blank = post_image(client, references="  \n ").json()
+    assert "bleu" not in blank
+
+
+def test_bleu_endpoint(client):
+    r = client.post("/api/bleu", json={"candidate": "a dog runs on the grass",
+                                       "references": ["a dog runs on the grass", "a brown dog"]})
+    assert r.status_code == 200 and r.json()["bleu"]["BLEU-4"] == pytest.approx(1.0)
+    lines = client.post("/api/bleu", json={"candidate": "a cat", "references": "a dog\na man on a horse"}).json()
+    assert lines["references"] == ["a dog", "a man on a horse"] and 0 < lines["bleu"]["BLEU-1"] < 1
+    empty = client.post("/api/bleu", json={"candidate": "a cat", "references": ["", "  "]})
+    assert empty.status_code == 422 and "reference" in empty.json()["detail"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"beam_size": 0}, "beam_size"),
+    ({"beam_size": 11}, "beam_size"),
+    ({"beam_size": "abc"}, "beam_size"),
+    ({"beam_size": 2, "n_best": 3}, "n_best"),
+    ({"n_best": 0}, "n_best"),
+    ({"style": "sarcastic"}, "Unknown style 'sarcastic'"),
+    ({"references": "\n".join(["a dog"] * 21)}, "at most 20"),
+])
+def test_invalid_parameters_are_422_with_a_clear_message(client, web_app, fields, message):
+    r = post_image(client, **fields)
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
+    assert web_app.state.gallery.count() == 0
+
+
+# --- bad input: a 4xx JSON error, nothing stored, and the server keeps serving ---
+
+BAD_UPLOADS = {
+    "not an image": (b"this is a text file, not a photo", "image/jpeg", 400, "not an image"),
+    "empty": (b"", "image/jpeg", 400, "empty"),
+    "truncated": (CHELSEA[:3000], "image/jpeg", 400, "corrupt or truncated"),
+    "wrong content type": (CHELSEA, "text/plain", 415, "content type"),
+    "decompression bomb": (png_header_only(20000, 20000), "image/png", 413, "pixels"),
+    "over the size limit": (b"\xff\xd8" + b"\0" * (20 * 1024 * 1024 + 10), "image/jpeg", 413, "20 MB"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UPLOADS))
+def test_bad_uploads_are_refused_and_nothing_is_stored(client, web_app, case):
+    data, content_type, status, message = BAD_UPLOADS[case]
+    r = post_image(client, data=data, content_type=content_type, name="upload.jpg")
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert message in r.json()["detail"]
+    assert web_app.state.gallery.count() == 0 and stored_files(web_app) == []
+    assert post_image(client).status_code == 200  # still serving
+
+
+def test_body_that_is_not_multipart_or_lacks_the_image(client, web_app):
+    r = client.post("/api/captions", json={"image": "chelsea.jpg"})
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = client.post("/api/captions", data={"beam_size": "3"}, files={"other": ("x.jpg", CHELSEA, "image/jpeg")})
+    assert r.status_code == 422 and r.json()["detail"].startswith("image:")
+    assert web_app.state.gallery.count() == 0
+
+
+def test_size_limit_is_enforced_while_reading(client, web_app):
+    big = b"\xff\xd8" + b"\0" * (21 * 1024 * 1024)
+    body, content_type = multipart("image", "big.jpg", big)
+    # declared too large: refused before the body is read
+    r = client.post("/api/captions", content=body, headers={"content-type": content_type})
+    assert r.status_code == 413
+    # no Content-Length (chunked): refused once the bytes read pass the limit
+    chunks = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+    r = client.post("/api/captions", content=chunks, headers={"content-type": content_type})
+    assert r.status_code == 413 and "20 MB" in r.json()["detail"]
+    assert web_app.state.gallery.count() == 0 and stored_files(web_app) == []
+
+
+def test_small_size_limit_and_cross_origin_posts(web_model_dir, web_captioner, tmp_path):
+    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=web_captioner,
+                     max_upload_bytes=10_000)
+    with TestClient(app) as c:
+        assert post_image(c).status_code == 413  # chelsea.jpg is 33 kB
+        r = c.post("/api/captions", files={"image": ("x.png", png_header_only(10, 10), "image/png")},
+                   headers={"origin": "http://evil.example"})
+        assert r.status_code == 403 and "Cross-origin" in r.json()["detail"]
+        same = c.post("/api/bleu", json={"candidate": "a", "references": ["a"]},
+                      headers={"origin": "http://testserver"})
+        assert same.status_code == 200
+
+
+def test_busy_server_answers_503_instead_of_queueing_without_bound(web_model_dir, web_captioner, tmp_path):
+    started, release = threading.Event(), threading.Event()
+
+    class SlowCaptioner:
+        def __getattr__(self, name):
+            return getattr(web_captioner, name)
+
+        def caption(self, *args, **kwargs):
+            started.set()
+            release.wait(30)
+            return web_captioner.caption(*args, **kwargs)
+
+    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=SlowCaptioner(), max_waiting=0)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
+            files = {"image": ("c.jpg", CHELSEA, "image/jpeg")}
+            first = asyncio.create_task(ac.post("/api/captions", files=files))
+            for _ in range(1000):
+                if started.is_set():
+                    break
+                await asyncio.sleep(0.01)
+            second = await ac.post("/api/captions", files=files)
+            health = await ac.get("/healthz")  # the event loop is free while the model works
+            release.set()
+            return (await first), second, health
+
+    try:
+        first, second, health = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert first.status_code == 200
+    assert second.status_code == 503 and "busy" in second.json()["detail"] and second.headers["retry-after"]
+    assert health.status_code == 200
+    app.state.runner.shutdown()
+
+
+# --- gallery and search ---
+
+def test_search_finds_captioned_images_by_their_words(client):
+    body = post_image(client).json()
+    word = max(body["captions"][0]["text"].split(), key=len)
+    r = client.get("/api/search", params={"q": word.upper()})
+    results = r.json()["results"]
+    assert r.status_code == 200 and [x["id"] for x in results] == [body["id"]]
+    hit = results[0]
+    assert hit["captions"] == body["captions"] and hit["created"] and hit["style"] == "factual"
+    assert client.get(hit["thumbnail_url"]).status_code == 200 and client.get(hit["image_url"]).status_code == 200
+    assert client.get("/api/search", params={"q": "zebra"}).json()["count"] == 0
+    recent = client.get("/api/search").json()
+    assert recent["match"] == "recent" and recent["count"] == 1
+    # FTS5 and SQL syntax in the query is only ever text
+    for q in ['"', "a AND OR NOT (", "*", "'; DROP TABLE images; --", "NEAR(a b)", "id:1", "\u00e9t\u00e9 \u72ac"]:
+        r = client.get("/api/search", params={"q": q})
+        assert r.status_code == 200, (q, r.text)
+    assert client.get("/api/search", params={"q": word}).json()["count"] == 1
+
+
+def test_search_ranks_with_bm25_and_falls_back_to_any_word(tmp_path):
+    gallery = Gallery(tmp_path / "g.db")
+    image = Image.new("RGB", (40, 30), (10, 200, 30))
+    dog = gallery.add(image, [{"text": "a dog runs on the grass", "score": -3}], "factual", "1")
+    dogs = gallery.add(image, [{"text": "two dogs play with a dog toy", "score": -4},
+                               {"text": "dogs", "score": -5}], "factual", "2")
+    gallery.add(image, [{"text": "a man rides a horse", "score": -2}], "factual", "3")
+    results, mode = gallery.search("dog")
+    assert mode == "all" and [r["id"] for r in results] == [dogs["id"], dog["id"]]  # stemmed, more hits first
+    results, mode = gallery.search("horse grass")
+    assert mode == "any" and len(results) == 2
+    assert fts_query('a "b" c*') == '"a" "b" "c"' and fts_query("  ") is None
+
+
+def test_a_failed_insert_leaves_no_files(tmp_path, monkeypatch):
+    gallery = Gallery(tmp_path / "g.db")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gallery, "_connect", broken)
+    with pytest.raises(RuntimeError):
+        gallery.add(Image.new("RGB", (8, 8)), [{"text": "x", "score": 0}], "factual", "h")
+    assert list(gallery.image_dir.iterdir()) == []
+
+
+def test_image_ids_are_validated(client):
+    assert client.get("/api/images/not-an-id").status_code == 422
+    assert client.get("/api/images/" + "A" * 32).status_code == 422
+    missing = client.get("/api/images/" + "0" * 32)
+    assert missing.status_code == 404 and missing.json()["detail"] == "No image with this id."
+    for path in ("/api/images/..%2F..%2Fgallery.db", "/api/images/../gallery.db", "/api/images/%2e%2e"):
+        assert client.get(path).status_code in (404, 422), path
+
+
+# --- the commands ---
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aicrl")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve(sub)
+    add_index(sub)
+    return parser
+
+
+def test_commands_have_help(capsys):
+    for command, option in (("serve", "--port"), ("index", "--db")):
+        with pytest.raises(SystemExit) as exit_:
+            _parser().parse_args([command, "--help"])
+        assert exit_.value.code == 0 and option in capsys.readouterr().out
+    args = _parser().parse_args(["serve"])
+    assert (args.host, args.port, args.db, args.model) == ("127.0.0.1", 8000, "data/gallery.db", None)
+
+
+def test_serve_without_a_model_fails_clearly(tmp_path, capsys):
+    args = _parser().parse_args(["serve", "--model", str(tmp_path / "nothing"), "--db", str(tmp_path / "g.db")])
+    assert args.func(args) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_index_command_captions_a_folder_and_skips_duplicates(web_model_dir, web_captioner, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(CHELSEA)
+    (folder / "coffee.JPG").write_bytes((SAMPLES / "coffee.jpg").read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a photo at all")
+    (folder / "notes.txt").write_text("not an image name")
+    db = tmp_path / "data" / "gallery.db"
+    args = _parser().parse_args(["index", str(folder), "--db", str(db), "--model", str(web_model_dir)])
+    assert args.func(args) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert summary["found"] == 3 and summary["indexed"] == 2 and summary["skipped_duplicates"] == 0
+    assert [u["file"] for u in summary["unreadable"]] == ["broken.jpg"] and summary["ignored_files"] == 1
+    assert "broken.jpg" in err and "indexing" in err  # the report and the tqdm bar are on stderr
+
+    (folder / "cat-copy.jpg").write_bytes(CHELSEA)  # same content, other name
+    assert args.func(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["indexed"] == 0 and again["skipped_duplicates"] == 3 and len(again["unreadable"]) == 1
+    assert again["gallery_images"] == 2
+
+    # the server sees what the command indexed
+    app = create_app(model_dir=web_model_dir, db_path=db, captioner=web_captioner)
+    with TestClient(app) as c:
+        recent = c.get("/api/search").json()
+        assert recent["count"] == 2 and {r["source"] for r in recent["results"]} == {"cat.jpg", "coffee.JPG"}
+        word = recent["results"][0]["captions"][0]["text"].split()[-1]
+        assert c.get("/api/search", params={"q": word}).json()["count"] >= 1

@@ -1,0 +1,88 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from aicrl.data.datasets import read_coco_dir, read_flickr8k, read_style_jsonl
+from aicrl.data.features import FeatureCache, extract_features
+from aicrl.data.vocab import Vocabulary, tokenize
+
+from .tiny_data import shape_image
+
+
+def test_tokenize_lowercases_and_strips_punctuation():
+    assert tokenize("A dog's ball, in the PARK!") == ["a", "dog's", "ball", "in", "the", "park"]
+    assert tokenize("  ...  ") == []
+
+
+def test_vocabulary_min_freq_round_trip(tmp_path):
+    vocab = Vocabulary.build(["a dog runs", "a dog sits", "a cat"], min_freq=2)
+    assert vocab.itos[:6] == ["<pad>", "<start>", "<end>", "<unk>", "a", "dog"]
+    ids = vocab.encode("A dog flies.")
+    assert ids == [vocab.start, vocab.stoi["a"], vocab.stoi["dog"], vocab.unk, vocab.end]
+    assert vocab.decode(ids) == "a dog <unk>"
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").itos == vocab.itos
+    assert vocab.decode(vocab.encode("a dog")) == "a dog"
+
+
+def test_flickr8k_reader_splits_and_skips_the_bogus_key(tiny_flickr, caplog):
+    with caplog.at_level(logging.WARNING):
+        data = read_flickr8k(tiny_flickr)
+    assert "2258277193_586949ec62.jpg.1" in caplog.text
+    assert len(data.images("train")) == 8 and len(data.images("dev")) == 2 and len(data.images("test")) == 2
+    assert all(len(refs) == 5 for refs in data.references("test").values())
+    assert not any(r.image.endswith(".jpg.1") for r in data.records)
+
+
+def test_vocabulary_is_built_from_training_captions_only(tiny_flickr):
+    data = read_flickr8k(tiny_flickr)
+    test_only = {w for r in data.select("test") for w in tokenize(r.caption)} - \
+                {w for r in data.select("train") for w in tokenize(r.caption)}
+    vocab = Vocabulary.build((r.caption for r in data.select("train")), min_freq=1)
+    assert not test_only & set(vocab.itos)
+
+
+def test_style_jsonl_and_coco_readers(tiny_flickr, tmp_path):
+    styled = read_style_jsonl(tiny_flickr / "styles.jsonl", tiny_flickr / "images")
+    assert styled.styles() == ["factual", "humorous", "romantic"]
+    assert {r.split for r in styled.records} == {"train", "dev"}
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "train2017").mkdir()
+    shape_image("red", "square", 0).save(tmp_path / "train2017" / "000000000009.jpg")
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps({
+        "images": [{"id": 9, "file_name": "000000000009.jpg"}],
+        "annotations": [{"image_id": 9, "id": 1, "caption": "A red square. "}]}))
+    coco = read_coco_dir(tmp_path)
+    assert coco.images("train") == ["train2017/000000000009.jpg"]
+    assert coco.records[0].caption == "A red square."
+    assert (coco.image_dir / coco.images("train")[0]).exists()
+
+
+def test_feature_cache_is_resumable_and_reports_bad_images(tiny_flickr, lite2, tmp_path):
+    data = read_flickr8k(tiny_flickr)
+    names = data.images()[:4]
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    for n in names:
+        (image_dir / n).write_bytes((data.image_dir / n).read_bytes())
+    (image_dir / "broken.jpg").write_text("not an image")
+    out = tmp_path / "cache"
+    first = extract_features(lite2, image_dir, names + ["broken.jpg"], out, batch_size=2, num_workers=0)
+    assert first["done"] == 4 and first["failed"] == 1
+    assert "broken.jpg" in json.loads((out / "failed.json").read_text())
+    reference = np.load(out / "features.npy")[:4].astype(np.float32)
+    # simulate a run killed after the first two images: their rows stay, the rest is redone
+    done = np.load(out / "done.npy", mmap_mode="r+")
+    done[2:] = 0
+    done.flush()
+    second = extract_features(lite2, image_dir, names + ["broken.jpg"], out, batch_size=2, num_workers=0)
+    assert second["processed_now"] == 2 and second["done"] == 4
+    cache = FeatureCache(out)
+    assert cache.available == set(names)
+    got = cache.get(names).float().numpy()
+    assert got.shape == (4, 49, 1280)
+    np.testing.assert_allclose(got, reference, atol=1e-3)
+    with pytest.raises(ValueError, match="different cache"):
+        extract_features(lite2, image_dir, names[:2], out, num_workers=0)

@@ -1,0 +1,156 @@
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from aicrl.data.features import FeatureCache
+from aicrl.decoding import beam_search, greedy
+from aicrl.model.captioner import Captioner
+from aicrl.training import TrainConfig, train
+
+SMALL = dict(embed_dim=32, hidden_dim=48, attention_dim=32, style_dim=8, dropout=0.1, min_freq=1,
+             batch_size=4, lr=5e-3, eval_beam=1, precision="fp32", show_progress=False, attention_penalty=0.0, lr_patience=99)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_flickr, tiny_cache, tmp_path_factory):
+    """A tiny factual model trained for a few epochs on the shape photos."""
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), epochs=12, early_stop=99,
+                      out=str(tmp_path_factory.mktemp("run")), **SMALL)
+    summary = train(cfg)
+    return cfg, summary
+
+
+def _history(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def test_loss_falls_and_files_are_written(trained):
+    cfg, summary = trained
+    losses = [h["train_loss"] for h in _history(cfg.out)]
+    assert losses[-1] < losses[0] * 0.6, losses
+    for name in ("checkpoint.pt", "log.jsonl", "curves.png", "best/config.json", "best/model.safetensors",
+                 "best/vocab.json", "best/metrics.json", "best/COMMAND.txt"):
+        assert os.path.exists(os.path.join(cfg.out, name)), name
+    assert summary["epochs_run"] == 12
+
+
+def _last_epoch(out) -> Captioner:
+    model = Captioner.from_pretrained(os.path.join(out, "best"))
+    model.decoder.load_state_dict(torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"])
+    return model
+
+
+def test_trained_model_names_the_colour(trained, tiny_cache):
+    cfg, _ = trained
+    model = _last_epoch(cfg.out)
+    cache = FeatureCache(tiny_cache)
+    names = [n for n in cache.names if "red" in n or "blue" in n]
+    hyps = model.decode(cache.get(names).float(), beam_size=3)
+    right = sum(("red" if "red" in n else "blue") in model.vocab.decode(h[0].tokens) for n, h in zip(names, hyps))
+    assert right >= len(names) - 1
+
+
+def test_save_load_round_trip_gives_identical_outputs(trained, tiny_cache, tmp_path):
+    cfg, _ = trained
+    model = Captioner.from_pretrained(os.path.join(cfg.out, "best"))
+    model.save_pretrained(tmp_path / "copy")
+    again = Captioner.from_pretrained(tmp_path / "copy")
+    features = FeatureCache(tiny_cache).get(FeatureCache(tiny_cache).names[:4]).float()
+    a = model.decode(features, beam_size=3, n_best=3)
+    b = again.decode(features, beam_size=3, n_best=3)
+    assert [[h.tokens for h in x] for x in a] == [[h.tokens for h in x] for x in b]
+    assert all(abs(h.logprob - g.logprob) < 1e-5 for x, y in zip(a, b) for h, g in zip(x, y))
+
+
+def test_beam_of_one_equals_greedy_and_batching_changes_nothing(trained, tiny_cache):
+    cfg, _ = trained
+    model = Captioner.from_pretrained(os.path.join(cfg.out, "best"))
+    cache = FeatureCache(tiny_cache)
+    features = cache.get(cache.names).float()
+    v, dec = model.vocab, model.decoder
+    greedy_out = greedy(dec, features, v.start, v.end, 20)
+    beam_one = beam_search(dec, features, v.start, v.end, beam_size=1, max_length=20)
+    assert [g.tokens for g in greedy_out] == [b[0].tokens for b in beam_one]
+    assert all(abs(g.logprob - b[0].logprob) < 1e-4 for g, b in zip(greedy_out, beam_one))
+    batched = beam_search(dec, features, v.start, v.end, beam_size=3, n_best=3, max_length=20)
+    for i in range(len(features)):
+        single = beam_search(dec, features[i:i + 1], v.start, v.end, beam_size=3, n_best=3, max_length=20)[0]
+        assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
+        assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(single, batched[i]))
+        assert [h.score for h in batched[i]] == sorted((h.score for h in batched[i]), reverse=True)
+        best = batched[i][0]
+        assert best.attention.shape == (len(best.tokens), 49)
+        assert torch.allclose(best.attention.sum(1), torch.ones(len(best.tokens)), atol=1e-4)
+
+
+def test_beam_search_stops_at_max_length_when_no_beam_ends(trained, tiny_cache):
+    cfg, _ = trained
+    model = Captioner.from_pretrained(os.path.join(cfg.out, "best"))
+    with torch.no_grad():
+        model.decoder.out_words.bias[model.vocab.end] = -1e9  # <end> can never win
+    features = FeatureCache(tiny_cache).get(FeatureCache(tiny_cache).names[:3]).float()
+    for hyps in model.decode(features, beam_size=3, n_best=3, max_length=7):
+        assert len(hyps) == 3 and all(len(h.tokens) == 7 for h in hyps)
+
+
+def test_resume_after_interruption_continues_exactly(tiny_flickr, tiny_cache, tmp_path):
+    base = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), early_stop=99, **SMALL)
+    straight = train(replace(base, epochs=3, out=str(tmp_path / "straight")))
+    train(replace(base, epochs=1, out=str(tmp_path / "killed")))  # "killed" after epoch 1
+    resumed = train(replace(base, epochs=3, out=str(tmp_path / "killed")), resume=True)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert b["step"] == a["step"] and [h["epoch"] for h in b["history"]] == [1, 2, 3]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert straight["final_train_loss"] == resumed["final_train_loss"]
+
+
+def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
+    """Any set of styles in the jsonl format trains one model that writes in each of them."""
+    words = {"pirate": "arr", "poet": "verse", "robot": "beep"}
+    from aicrl.data.datasets import read_flickr8k
+
+    data = read_flickr8k(tiny_flickr)
+    with open(tmp_path / "traits.jsonl", "w") as f:
+        for split in ("train", "dev"):
+            for image in data.images(split):
+                colour = image.split("_")[1].rstrip("0123456789").replace("square", "").replace("circle", "")
+                for style, word in words.items():
+                    f.write(json.dumps({"image": image, "split": split, "style": style,
+                                        "caption": f"{word} a {colour} thing {word}"}) + "\n")
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), style_file=str(tmp_path / "traits.jsonl"),
+                      style_repeat=3, epochs=10, early_stop=99, out=str(tmp_path / "styled"),
+                      **(SMALL | {"batch_size": 8, "lr": 1e-2}))
+    train(cfg)
+    model = _last_epoch(tmp_path / "styled")
+    assert model.styles == ["factual", "pirate", "poet", "robot"]
+    features = FeatureCache(tiny_cache).get(data.images("dev")).float()
+    for style, word in words.items():
+        texts = [model.vocab.decode(h[0].tokens) for h in model.decode(features, beam_size=3, style=style)]
+        assert all(word in t.split() for t in texts), (style, texts)
+    factual = [model.vocab.decode(h[0].tokens) for h in model.decode(features, beam_size=3)]
+    assert not any(w in t.split() for t in factual for w in words.values()), factual
+    with pytest.raises(ValueError, match="unknown style"):
+        model.decode(features, style="sarcastic")
+
+
+def test_two_process_ddp_keeps_replicas_identical(tiny_flickr, tiny_cache, tmp_path):
+    args = ["--data-dir", str(tiny_flickr), "--features", str(tiny_cache), "--epochs", "2", "--min-freq", "1",
+            "--embed-dim", "16", "--hidden-dim", "16", "--attention-dim", "16", "--batch-size", "4",
+            "--eval-beam", "1", "--precision", "fp32", "--out", str(tmp_path / "ddp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29517", "-m", "aicrl.cli", "train", *args],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 2 and all(s["world_size"] == 2 for s in summaries)
+    sums = summaries[0]["replica_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert (tmp_path / "ddp" / "best" / "model.safetensors").exists()
