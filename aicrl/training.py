@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import CaptionerConfig
-from .data.datasets import FACTUAL, CaptionData, load_dataset, read_style_jsonl
+from .data.datasets import CaptionData, load_dataset, read_style_jsonl
 from .data.features import FeatureCache, autocast_dtype
 from .data.images import preprocess
 from .data.vocab import Vocabulary

@@ -154,3 +154,51 @@ def test_two_process_ddp_keeps_replicas_identical(tiny_flickr, tiny_cache, tmp_p
     sums = summaries[0]["replica_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert (tmp_path / "ddp" / "best" / "model.safetensors").exists()
+
+
+def test_evaluate_command_scores_with_the_coco_toolkit(trained, tiny_flickr, tiny_cache, tmp_path, capsys):
+    from aicrl.cli import main
+
+    cfg, _ = trained
+    out = tmp_path / "results.json"
+    assert main(["evaluate", "--model", os.path.join(cfg.out, "best"), "--data-dir", str(tiny_flickr),
+                 "--features", str(tiny_cache), "--split", "dev", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    scores = result["coco_caption"]
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(scores) and 0 <= scores["BLEU-1"] <= 1
+    assert set(result["nltk_corpus_bleu"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
+    assert result["images"] == 2
+
+
+def test_metrics_are_right_on_known_cases():
+    from aicrl.evaluation import coco_scores, sentence_bleu
+
+    refs = {"a": ["a dog runs on the grass", "a brown dog running"], "b": ["a man rides a red bike"]}
+    perfect = coco_scores({"a": "a dog runs on the grass", "b": "a man rides a red bike"}, refs,
+                          metrics=("bleu", "cider"))
+    assert perfect["BLEU-1"] > 0.99 and perfect["BLEU-4"] > 0.99
+    wrong = coco_scores({"a": "blue sky", "b": "cat sleeping"}, refs, metrics=("bleu",))
+    assert wrong["BLEU-1"] < 0.1
+    bleu = sentence_bleu("a dog runs on the grass", ["a dog runs on the grass"])
+    assert bleu["BLEU-4"] > 0.99 and bleu["BLEU"] == bleu["BLEU-4"]
+    assert sentence_bleu("a cat", ["a dog runs on the grass"])["BLEU-4"] < 0.2
+    with pytest.raises(ValueError):
+        sentence_bleu("a cat", ["", "  "])
+
+
+def test_style_classifier_and_content_overlap():
+    from aicrl.evaluation import StyleClassifier, content_overlap
+
+    train = {"factual": ["a dog runs on the grass", "a man rides a bike", "two children play in water",
+                         "a woman walks down the street"],
+             "humorous": ["a dog runs to escape the bath", "a man rides a bike to flee his wife",
+                          "two children play in water like crazy fish", "a woman walks like a zombie"],
+             "romantic": ["a dog runs to meet his lover", "a man rides a bike dreaming of his love",
+                          "two children play in water enjoying the sweet summer", "a woman walks in love"]}
+    captions = [c for s in train for c in train[s] for _ in range(3)]
+    styles = [s for s in train for _ in train[s] for _ in range(3)]
+    classifier = StyleClassifier().fit(captions, styles)
+    assert classifier.predict(["a cat runs to meet his lover"]) == ["romantic"]
+    assert classifier.accuracy(captions, styles)["overall"] == 1.0
+    refs = {"x": ["a dog runs on the grass"], "y": ["a man rides a bike"]}
+    assert content_overlap({"x": "a happy dog in love", "y": "the moon is bright"}, refs) == 0.5

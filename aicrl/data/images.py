@@ -31,6 +31,10 @@ class ImageLoadError(ValueError):
     """The input is not an image we can read (empty, not an image, truncated, or too large)."""
 
 
+class ImageTooLargeError(ImageLoadError):
+    """The image has more pixels than MAX_PIXELS (a decompression bomb, or simply too big)."""
+
+
 def _open(source: ImageSource) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
@@ -61,10 +65,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, size: int = IMAGE_SIZE) -> Image.Image:
-    """Decode `source` (path, bytes or PIL image) into an RGB `size` x `size` PIL image.
+def decode_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
+    """Decode `source` (path, bytes or PIL image) into an upright 8-bit RGB PIL image.
 
-    Raises ImageLoadError for anything that is not a readable image.
+    `max_side` lets the JPEG decoder work at a reduced size (fast for big photos). Raises
+    ImageTooLargeError over MAX_PIXELS (before decoding) and ImageLoadError for anything unreadable.
     """
     name = source if isinstance(source, (str, os.PathLike)) else "image"
     try:
@@ -73,18 +78,27 @@ def load_image(source: ImageSource, size: int = IMAGE_SIZE) -> Image.Image:
             image = _open(source)
             width, height = image.size
             if width * height > MAX_PIXELS:
-                raise ImageLoadError(
-                    f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}"
-                )
+                raise ImageTooLargeError(
+                    f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}")
+            if max_side:
+                image.draft("RGB", (max_side, max_side))
             image.load()  # decode now, so a truncated file fails here and not later
             image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
+            return _to_rgb(image)
     except ImageLoadError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{name}: not a readable image ({e})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt data
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"{name}: too many pixels ({e})") from e
+    except UnidentifiedImageError as e:
+        raise ImageLoadError(f"{name}: not an image, or not a format we read (JPEG, PNG, GIF, WebP, "
+                             "BMP, TIFF)") from e
+    except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for bad data
         raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from e
+
+
+def load_image(source: ImageSource, size: int = IMAGE_SIZE) -> Image.Image:
+    """Decode `source` into an RGB `size` x `size` PIL image, as the encoders expect."""
+    image = decode_image(source, max_side=size)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return image

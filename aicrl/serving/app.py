@@ -45,9 +45,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..data.images import MAX_PIXELS, ImageLoadError
+from ..data.images import MAX_PIXELS, ImageLoadError, ImageTooLargeError
 from ..evaluation import sentence_bleu
-from .gallery import ID_PATTERN, Gallery, ImageTooLarge, open_image, sha256_bytes
+from .gallery import ID_PATTERN, Gallery, open_image, sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
                       measure: bool = True) -> dict:
         """Runs in the worker thread: validate, caption, store."""
         image = open_image(data)  # raises ImageLoadError before anything is stored
-        result = captioner.caption([data], beam_size=beam_size, n_best=n_best, style=style)[0]
+        result = captioner.caption([image], beam_size=beam_size, n_best=n_best, style=style)[0]
         timing = dict(result.timing_ms)
         timing["model"] = round(timing.get("encode", 0.0) + timing.get("decode", 0.0), 1)
         if measure:
@@ -418,7 +418,7 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         except ServerBusy:
             return _error(503, "The server is busy captioning other images; try again in a few seconds.",
                           {"retry-after": "5"})
-        except ImageTooLarge as e:
+        except ImageTooLargeError as e:
             raise HTTPException(413, f"Cannot use this image: {e}.") from e
         except ImageLoadError as e:
             raise HTTPException(400, f"Cannot read this image: {e}.") from e

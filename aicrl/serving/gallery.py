@@ -21,15 +21,14 @@ import re
 import sqlite3
 import tempfile
 import uuid
-import warnings
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from ..data.images import MAX_PIXELS, ImageLoadError
+from ..data.images import decode_image
 
 ID_PATTERN = r"^[0-9a-f]{32}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -58,10 +57,6 @@ CREATE VIRTUAL TABLE IF NOT EXISTS captions_fts USING fts5 (
 _BM25 = "bm25(captions_fts, 0.0, 2.0, 1.0)"
 
 
-class ImageTooLarge(ImageLoadError):
-    """The image has more pixels than `MAX_PIXELS` (a decompression bomb, or simply too big)."""
-
-
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -71,37 +66,8 @@ def valid_id(image_id: str) -> bool:
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Decode uploaded bytes for storage: RGB, upright. Raises ImageLoadError like `load_image`.
-
-    The JPEG decoder is asked for a reduced size up front (`draft`), so big photos decode fast.
-    """
-    if not data:
-        raise ImageLoadError("the file is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageTooLarge(f"the image is {width}x{height} pixels, over the limit of "
-                                    f"{MAX_PIXELS:,} pixels")
-            image.draft("RGB", (MAX_SIDE, MAX_SIDE))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except ImageLoadError:
-        raise
-    except UnidentifiedImageError as e:
-        raise ImageLoadError("the file is not an image (or not a format this server reads: "
-                             "JPEG, PNG, GIF, WebP, BMP, TIFF)") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLarge(f"the image has too many pixels (limit {MAX_PIXELS:,})") from e
-    except Exception as e:  # noqa: BLE001  (PIL raises many kinds for bad data)
-        raise ImageLoadError("the image data is corrupt or truncated") from e
-    if image.mode in ("RGBA", "LA", "PA", "P"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB")
+    """Decode uploaded bytes for storage: RGB, upright, at most about MAX_SIDE px (fast for big JPEGs)."""
+    return decode_image(data, max_side=MAX_SIDE)
 
 
 def _jpeg(image: Image.Image, side: int, quality: int) -> bytes:
