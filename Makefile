@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test test-web caption benchmark clean
+.PHONY: install serve test test-web screenshot caption benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 test-web: $(STAMP)
 	$(PY) -m pytest tests/test_api.py tests/test_browser.py
+
+screenshot: $(STAMP)
+	AICRL_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/test_browser.py -k screenshot
 
 caption: $(STAMP)
 	$(VENV)/bin/aicrl caption tests/samples

@@ -195,19 +195,27 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--style", help="evaluate this style (needs --style-file); default: factual captions")
     p.add_argument("--style-file", help="styled captions jsonl (FlickrStyle7k format)")
+    p.add_argument("--length-penalty", type=float, help="override the model's beam length penalty "
+                   "(score = logprob / length**penalty); tune it on --split dev")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--save-to-model", action="store_true",
+                   help="also record the results in the model folder's metrics.json")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
     from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
-    from .evaluation import StyleClassifier, caption_split, evaluate_factual, evaluate_style
-    from .model.captioner import Captioner
+    from .evaluation import StyleClassifier, caption_images, evaluate_factual, evaluate_style, features_source
+    from .model.captioner import Captioner, default_model_dir
 
     captioner = Captioner.from_pretrained(args.model)
+    if args.length_penalty is not None:
+        captioner.config.length_penalty = args.length_penalty
     data = load_dataset(args.dataset, args.data_dir)
-    settings = {"model": args.model or "shipped", "beam_size": args.beam_size}
+    features_of = features_source(captioner, data.image_dir, args.features)
+    settings = {"model": args.model or "shipped", "beam_size": args.beam_size,
+                "length_penalty": captioner.config.length_penalty}
     if args.style and args.style != FACTUAL:
         if not args.style_file:
             sys.exit("aicrl: --style needs --style-file (the styled references)")
@@ -215,7 +223,7 @@ def cmd_evaluate(args) -> int:
         split = "dev" if args.split == "test" else args.split  # FlickrStyle has no test images
         refs = styled.references(split, args.style)
         names = list(refs)[: args.limit or None]
-        preds = caption_split(captioner, data.image_dir, names, args.features, args.beam_size, args.style)
+        preds = caption_images(captioner, names, features_of, args.beam_size, args.style)
         train_caps = styled.select("train") + data.select("train")
         held_out = styled.select(split) + data.select(split)
         classifier = StyleClassifier().fit([r.caption for r in train_caps], [r.style for r in train_caps])
@@ -226,13 +234,18 @@ def cmd_evaluate(args) -> int:
     else:
         refs = data.references(args.split)
         names = list(refs)[: args.limit or None]
-        preds = caption_split(captioner, data.image_dir, names, args.features, args.beam_size)
+        preds = caption_images(captioner, names, features_of, args.beam_size)
         result = evaluate_factual(preds, refs)
         settings["split"] = args.split
     result = settings | result | {"examples": dict(list(preds.items())[:5])}
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.save_to_model:
+        key = f"{settings['split'].replace(' ', '_')}_{args.style or FACTUAL}".lower()
+        metrics_file = Path(args.model or default_model_dir()) / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        metrics_file.write_text(json.dumps(metrics | {key: result}, indent=2) + "\n")
     print(text)
     return 0
 

@@ -8,6 +8,9 @@ import logging
 import shutil
 from importlib import util
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from nltk.translate.bleu_score import sentence_bleu as _nltk_sentence_bleu
@@ -163,29 +166,33 @@ def content_overlap(predictions: dict[str, str], factual_refs: dict[str, list[st
 
 # ----------------------------------------------------------------------------- whole splits
 
-def caption_split(captioner, image_dir: str | Path, names: list[str], cache_dir: str | Path | None = None,
-                  beam_size: int = 3, style: str | None = None, batch_size: int = 50) -> dict[str, str]:
-    """Caption `names` (files in image_dir) in batches; uses a feature cache when given (same encoder)."""
+def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], torch.Tensor],
+                   beam_size: int = 3, style: str | None = None, batch_size: int = 50,
+                   progress: bool = True) -> dict[str, str]:
+    """Caption `names` batch by batch; `features_of(chunk)` gives their (B, regions, dim) grids."""
     from tqdm import tqdm
 
-    cache = None
-    if cache_dir:
+    out = {}
+    for i in tqdm(range(0, len(names), batch_size), desc=f"captioning ({style or 'factual'})",
+                  unit="batch", disable=not progress):
+        chunk = names[i:i + batch_size]
+        for name, hyps in zip(chunk, captioner.decode(features_of(chunk).float(), beam_size, 1, style)):
+            out[name] = captioner.vocab.decode(hyps[0].tokens)
+    return out
+
+
+def features_source(captioner, image_dir: str | Path,
+                    cache_dir: str | Path | None = None) -> Callable[[list[str]], torch.Tensor]:
+    """Grids from a feature cache of the same encoder when given, else from the images."""
+    if cache_dir and not captioner.encoder_finetuned:
         from .data.features import FeatureCache
 
         cache = FeatureCache(cache_dir)
         if cache.encoder != captioner.config.encoder:
             raise ValueError(f"cache {cache_dir} holds {cache.encoder} features, the model uses "
                              f"{captioner.config.encoder}")
-    out = {}
-    for i in tqdm(range(0, len(names), batch_size), desc=f"captioning ({style or 'factual'})", unit="batch"):
-        chunk = names[i:i + batch_size]
-        if cache is not None and not captioner.encoder_finetuned:
-            features = cache.get(chunk).float()
-        else:
-            features = captioner.encode([Path(image_dir) / n for n in chunk])
-        for name, hyps in zip(chunk, captioner.decode(features, beam_size, 1, style)):
-            out[name] = captioner.vocab.decode(hyps[0].tokens)
-    return out
+        return cache.get
+    return lambda chunk: captioner.encode([Path(image_dir) / n for n in chunk])
 
 
 def evaluate_factual(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:

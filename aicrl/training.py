@@ -37,7 +37,7 @@ from .data.datasets import CaptionData, load_dataset, read_style_jsonl
 from .data.features import FeatureCache, autocast_dtype
 from .data.images import preprocess
 from .data.vocab import Vocabulary
-from .evaluation import quick_scores
+from .evaluation import caption_images, quick_scores
 from .model.captioner import Captioner
 from .model.decoder import AttentionLSTMDecoder, caption_loss
 
@@ -160,16 +160,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def evaluate_dev(model: Captioner, features: torch.Tensor, names: list[str], refs: dict[str, list[str]],
-                 beam: int, batch_size: int = 100) -> dict[str, float]:
-    preds = {}
-    for i in range(0, len(names), batch_size):
-        hyps = model.decode(features[i:i + batch_size].float(), beam_size=beam)
-        for name, h in zip(names[i:i + batch_size], hyps):
-            preds[name] = model.vocab.decode(h[0].tokens)
-    return quick_scores(preds, refs)
 
 
 # ----------------------------------------------------------------------------- training
@@ -307,7 +297,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 with torch.inference_mode():
                     dev_feats = torch.cat([image_features(dev_images, list(range(i, min(i + 64, len(dev_images)))), dev_feats)
                                            for i in range(0, len(dev_images), 64)])
-            scores = evaluate_dev(captioner, dev_feats, dev_images, dev_refs, cfg.eval_beam)
+            dev_row = {n: i for i, n in enumerate(dev_images)}
+            preds = caption_images(captioner, dev_images, lambda chunk: dev_feats[[dev_row[n] for n in chunk]],
+                                   cfg.eval_beam, batch_size=100, progress=False)
+            scores = quick_scores(preds, dev_refs)
             score = torch.tensor([scores["BLEU-4"], scores["CIDEr"], total / max(count, 1)])
         if world > 1:
             dist.broadcast(score, 0)

@@ -1,6 +1,7 @@
 """End-to-end: the page in headless Chromium against a real uvicorn server with a tiny model."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -282,12 +283,11 @@ def test_screenshot_with_a_caption(web_browser, web_model_dir, web_captioner, tm
         captionize(page, SAMPLES / "astronaut.jpg")
         page.locator("#best-caption .word").last.hover()
         expect(page.locator("#attention-label")).not_to_be_empty()
-        out = ROOT / "docs" / "screenshot.png"
-        out.parent.mkdir(exist_ok=True)
         tmp = tmp_path / "screenshot.png"
         page.screenshot(path=str(tmp), full_page=True)
-        shutil.copyfile(tmp, out)
-        assert out.stat().st_size > 10_000
+        assert tmp.stat().st_size > 10_000
+        if os.environ.get("AICRL_UPDATE_SCREENSHOT"):  # `make screenshot` refreshes the README's picture
+            shutil.copyfile(tmp, ROOT / "docs" / "screenshot.png")
         context.close()
     finally:
         stop()

@@ -202,3 +202,15 @@ def test_style_classifier_and_content_overlap():
     assert classifier.accuracy(captions, styles)["overall"] == 1.0
     refs = {"x": ["a dog runs on the grass"], "y": ["a man rides a bike"]}
     assert content_overlap({"x": "a happy dog in love", "y": "the moon is bright"}, refs) == 0.5
+
+
+def test_finetuning_the_encoder_last_stage(tiny_flickr, tiny_cache, tmp_path, lite2):
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), finetune_encoder=True, epochs=1,
+                      out=str(tmp_path / "ft"), **(SMALL | {"encoder_lr": 1e-2}))
+    train(cfg)
+    model = Captioner.from_pretrained(tmp_path / "ft" / "best")
+    assert model.encoder_finetuned
+    tuned, original = model.encoder.state_dict(), lite2.state_dict()
+    last = f"trunk.net._blocks.{len(lite2.trunk.net._blocks) - 1}._project_conv.weight"
+    assert not torch.allclose(tuned[last], original[last])  # the last stage learnt
+    assert torch.equal(tuned["trunk.net._conv_stem.weight"], original["trunk.net._conv_stem.weight"])  # frozen

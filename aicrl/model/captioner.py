@@ -83,9 +83,10 @@ class Captioner:
         self.config.to_json(path / "config.json")
         self.vocab.save(path / "vocab.json")
         tensors = {k: v.detach().half().contiguous() for k, v in self.decoder.state_dict().items()}
-        if self.encoder_finetuned:
+        if self.encoder_finetuned:  # only the fine-tuned last stage; the rest is the pretrained encoder
             tensors |= {f"encoder.{k}": v.detach().half().contiguous()
-                        for k, v in self.encoder.state_dict().items() if v.is_floating_point()}
+                        for k, v in self.encoder.state_dict().items()
+                        if v.is_floating_point() and self.encoder.in_last_stage(k)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         if metrics is not None:
             (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -25,31 +25,36 @@ class EncoderWeightsError(RuntimeError):
 
 
 class ImageEncoder(nn.Module):
-    """A CNN trunk (no pooling, no classifier) that returns (B, H*W, C) region features."""
+    """A CNN trunk (no pooling, no classifier) that returns (B, H*W, C) region features.
 
-    def __init__(self, name: str, trunk: nn.Module, feature_dim: int, last_stage: nn.Module):
+    `last_stage` names the trunk's submodules that fine-tuning trains (prefixes of parameter names).
+    """
+
+    def __init__(self, name: str, trunk: nn.Module, feature_dim: int, last_stage: list[str]):
         super().__init__()
         self.name, self.trunk, self.feature_dim = name, trunk, feature_dim
-        self._last_stage = last_stage
+        self.last_stage = tuple(f"trunk.{prefix}." for prefix in last_stage)
         self.set_trainable(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         grid = self.trunk(images)  # (B, C, H, W)
         return grid.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
 
+    def in_last_stage(self, name: str) -> bool:
+        return name.startswith(self.last_stage)
+
     def set_trainable(self, last_stage: bool) -> None:
         """Freeze everything, or unfreeze only the last stage for fine-tuning (as the paper does)."""
-        for p in self.parameters():
-            p.requires_grad = False
-        if last_stage:
-            for p in self._last_stage.parameters():
-                p.requires_grad = True
+        for name, p in self.named_parameters():
+            p.requires_grad = last_stage and self.in_last_stage(name)
 
     def train(self, mode: bool = True) -> "ImageEncoder":
         # Frozen parts keep their BatchNorm statistics: only a trainable last stage leaves eval mode.
         super().train(False)
-        if mode and any(p.requires_grad for p in self._last_stage.parameters()):
-            self._last_stage.train(True)
+        trainable = mode and any(p.requires_grad for p in self.parameters())
+        for name, module in self.named_modules():
+            if trainable and self.in_last_stage(name + "."):
+                module.train(True)
         return self
 
 
@@ -79,7 +84,7 @@ def build_lite2(pretrained: bool = True, weights: str | os.PathLike | None = Non
         state = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
     # The classifier stays in the module (it is part of the strict checkpoint) but is never run.
-    last_stage = nn.ModuleList([*net._blocks[-1:], net._conv_head, net._bn1])
+    last_stage = [f"net._blocks.{len(net._blocks) - 1}", "net._conv_head", "net._bn1"]
     return ImageEncoder("efficientnet-lite2", _LiteTrunk(net), 1280, last_stage)
 
 
@@ -109,8 +114,8 @@ def build_resnet50(pretrained: bool = True, weights: str | os.PathLike | None = 
                     "default encoder, efficientnet-lite2, whose weights ship with the package."
                 ) from e
         net.load_state_dict(state, strict=True)
-    trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
-    return ImageEncoder("resnet50", trunk, 2048, net.layer4)
+    trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc; index 7 is layer4
+    return ImageEncoder("resnet50", trunk, 2048, ["7"])
 
 
 def build_encoder(name: str = DEFAULT_ENCODER, pretrained: bool = True,
