@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .data.vocab import SPECIALS, UNK
 from .model.decoder import AttentionLSTMDecoder
+
+UNK_ID = SPECIALS.index(UNK)
 
 
 @dataclass
@@ -21,10 +24,12 @@ class Hypothesis:
 
 
 def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool) -> torch.Tensor:
-    """Log-probabilities of the next word; <pad> (id 0) and <start> are never generated, and
-    <end> not before the first word (an empty caption helps nobody)."""
+    """Log-probabilities of the next word. <pad>, <start> and <unk> (ids 0, 1, 3 in every
+    vocabulary) are never generated, and <end> not before the first word (an empty caption
+    helps nobody)."""
     logits = logits.float()
-    logits[:, [0, start] if allow_end else [0, start, end]] = float("-inf")
+    banned = [0, start, UNK_ID] if allow_end else [0, start, UNK_ID, end]
+    logits[:, banned] = float("-inf")
     return logits.log_softmax(-1)
 
 
