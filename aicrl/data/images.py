@@ -71,7 +71,7 @@ def decode_image(source: ImageSource, max_side: int | None = None) -> Image.Imag
     `max_side` lets the JPEG decoder work at a reduced size (fast for big photos). Raises
     ImageTooLargeError over MAX_PIXELS (before decoding) and ImageLoadError for anything unreadable.
     """
-    name = source if isinstance(source, (str, os.PathLike)) else "image"
+    where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -79,7 +79,7 @@ def decode_image(source: ImageSource, max_side: int | None = None) -> Image.Imag
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise ImageTooLargeError(
-                    f"{name}: {width}x{height} pixels is over the limit of {MAX_PIXELS:,}")
+                    f"{where}{width}x{height} pixels is over the limit of {MAX_PIXELS:,}")
             if max_side:
                 image.draft("RGB", (max_side, max_side))
             image.load()  # decode now, so a truncated file fails here and not later
@@ -88,12 +88,12 @@ def decode_image(source: ImageSource, max_side: int | None = None) -> Image.Imag
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageTooLargeError(f"{name}: too many pixels ({e})") from e
+        raise ImageTooLargeError(f"{where}too many pixels ({e})") from e
     except UnidentifiedImageError as e:
-        raise ImageLoadError(f"{name}: not an image, or not a format we read (JPEG, PNG, GIF, WebP, "
+        raise ImageLoadError(f"{where}not an image, or not a format we read (JPEG, PNG, GIF, WebP, "
                              "BMP, TIFF)") from e
     except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, ValueError...) for bad data
-        raise ImageLoadError(f"{name}: corrupt or truncated image ({e})") from e
+        raise ImageLoadError(f"{where}corrupt or truncated image ({e})") from e
 
 
 def load_image(source: ImageSource, size: int = IMAGE_SIZE) -> Image.Image:
