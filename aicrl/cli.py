@@ -53,7 +53,7 @@ def _train_options(sub, name: str, **kwargs) -> argparse.ArgumentParser:
              "train_images": "use only the first N training images (0 = all)",
              "precision": "decoder autocast: auto (bf16 where fast), bf16 or fp32"}
     for f in fields(TrainConfig):
-        if f.name in ("extra", "show_progress"):
+        if f.name == "show_progress":
             continue
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):

@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +82,6 @@ class TrainConfig:
     finetune_encoder: bool = False  # train the encoder's last stage on images (slow on CPU)
     encoder_lr: float = 1e-4
     show_progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form notes saved with the run
 
 
 # ----------------------------------------------------------------------------- data

@@ -5,7 +5,7 @@ A model folder (the Hugging Face `save_pretrained` shape):
     model.safetensors   decoder weights (fp16), plus `encoder.*` when the encoder was fine-tuned
     vocab.json          the vocabulary
     metrics.json        evaluation results (optional)
-    README.md           how it was made: the exact command (optional)
+    COMMAND.txt         how it was made: the exact commands (optional)
 """
 from __future__ import annotations
 
@@ -110,10 +110,6 @@ class Captioner:
             model.encoder.load_state_dict(encoder_state, strict=False)
             model.encoder_finetuned = True
         return model
-
-    def metrics(self, path: str | Path | None = None) -> dict:
-        file = Path(path or default_model_dir()) / "metrics.json"
-        return json.loads(file.read_text()) if file.exists() else {}
 
     # --- inference ---
 

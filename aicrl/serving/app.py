@@ -47,6 +47,7 @@ from pydantic import BaseModel, Field
 
 from ..data.images import MAX_PIXELS, ImageLoadError, ImageTooLargeError
 from ..evaluation import sentence_bleu
+from ..model.captioner import GRID
 from .gallery import ID_PATTERN, Gallery, open_image, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 MAX_BEAM = 10
 MAX_REFERENCES = 20
-GRID = 7
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields around the image
 
 SECURITY_HEADERS = {
