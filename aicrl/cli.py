@@ -108,13 +108,13 @@ def cmd_train(args) -> int:
 
 def _expand(paths: list[str]) -> tuple[list[Path], bool]:
     """Files stay, folders become their image files (sorted); True when a folder was given."""
-    from .data.images import IMAGE_SUFFIXES
+    from .data.images import image_files
 
     files, folder = [], False
     for p in map(Path, paths):
         if p.is_dir():
             folder = True
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += image_files(p)
         else:
             files.append(p)
     return files, folder

@@ -64,14 +64,14 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
     tokens = torch.zeros(B, k, 0, dtype=torch.long, device=features.device)
     alphas = torch.zeros(B, k, 0, R, device=features.device)
     batch_index = torch.arange(B, device=features.device).unsqueeze(1)
+    # A finished beam may only continue with <end>, at log-probability 0.
+    done_row = torch.full((decoder.config.vocab_size,), float("-inf"), device=features.device)
+    done_row[end] = 0.0
 
     for t in range(max_length):
         logits, (h, c), alpha = decoder.step(words, (h, c), feats, projected, style)
         step_lp = _word_logprobs(logits, start, end, allow_end=t > 0).view(B, k, -1)
         vocab = step_lp.size(-1)
-        # A finished beam may only continue with <end>, at log-probability 0.
-        done_row = torch.full((vocab,), float("-inf"), device=features.device)
-        done_row[end] = 0.0
         step_lp = torch.where(finished.unsqueeze(2), done_row, step_lp)
         total = (logprob.unsqueeze(2) + step_lp)  # (B, k, V)
         new_len = lengths.unsqueeze(2) + (~finished).long().unsqueeze(2)

@@ -62,9 +62,7 @@ def coco_scores(predictions: dict[str, str], references: dict[str, list[str]],
         if _have_java():
             from pycocoevalcap.meteor.meteor import Meteor
 
-            meteor = Meteor()
-            out["METEOR"] = float(meteor.compute_score(gts, res)[0])
-            meteor.close() if hasattr(meteor, "close") else None
+            out["METEOR"] = float(Meteor().compute_score(gts, res)[0])  # its Java process ends in __del__
         else:
             log.warning("METEOR skipped: it needs Java")
     if "rouge" in metrics:

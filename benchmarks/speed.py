@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from aicrl.data.images import IMAGE_SUFFIXES, load_image
+from aicrl.data.images import image_files, load_image
 from aicrl.model.captioner import Captioner
 from aicrl.model.decoder import caption_loss
 
@@ -100,7 +100,7 @@ def main() -> int:
     args = parser.parse_args()
 
     model = Captioner.from_pretrained(args.model)
-    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(args.images, recursive=False)
     images = [load_image(paths[i % len(paths)]) for i in range(args.count)]
     result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}",

@@ -24,6 +24,15 @@ MAX_PIXELS = 64_000_000
 # File name endings taken as images when a folder is captioned or indexed.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 
+
+
+def image_files(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """The image files of a folder (by name ending), sorted; hidden files are left out."""
+    pattern = "**/*" if recursive else "*"
+    return sorted(p for p in Path(folder).glob(pattern)
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 ImageSource = Union[str, os.PathLike, bytes, Image.Image]
 
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..data.images import IMAGE_SUFFIXES
+from ..data.images import image_files
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +93,10 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
     if style not in captioner.styles:
         raise ValueError(f"unknown style {style!r}; this model knows {captioner.styles}")
     gallery = Gallery(db_path)
-    pattern = "**/*" if recursive else "*"
-    files = sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
-    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    images = image_files(folder, recursive)
+    others = sum(p.is_file() and not p.name.startswith(".") for p in folder.glob("**/*" if recursive else "*"))
     summary = {"folder": str(folder), "db": str(db_path), "found": len(images), "indexed": 0,
-               "skipped_duplicates": 0, "unreadable": [], "ignored_files": len(files) - len(images)}
+               "skipped_duplicates": 0, "unreadable": [], "ignored_files": others - len(images)}
     seen: set[str] = set()
     start = time.perf_counter()
     bar = tqdm(images, desc="indexing", unit="img", file=sys.stderr, disable=not progress)
