@@ -102,7 +102,9 @@ def _train_config(args):
 def cmd_train(args) -> int:
     from .training import train
 
-    print(json.dumps(train(_train_config(args), resume=args.resume)))
+    summary = train(_train_config(args), resume=args.resume)
+    if summary["rank"] == 0:  # one summary line, even when torchrun starts several processes
+        print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -338,7 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     return {"best_epoch": best_entry.get("epoch"), "dev_BLEU-4": best_entry.get("dev_BLEU-4"),
             "dev_CIDEr": best_entry.get("dev_CIDEr"), "final_train_loss": history[-1]["train_loss"] if history else None,
             "epochs_run": len(history), "seconds": round(time.perf_counter() - t_start, 1),
-            "out": str(out), "world_size": world, "replica_checksums": checksums}
+            "out": str(out), "rank": rank, "world_size": world, "replica_checksums": checksums}
 
 
 def command_line() -> str:
