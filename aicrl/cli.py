@@ -133,6 +133,9 @@ def _add_caption(sub) -> None:
     p.add_argument("--beam-size", type=int, default=3, help="beam width (1 = greedy)")
     p.add_argument("--n-best", type=int, default=1, help="how many captions per image")
     p.add_argument("--style", help="caption style, e.g. factual, humorous, romantic (see the model's styles)")
+    p.add_argument("--style-guidance", type=float, metavar="W", help="override the model's style guidance: how far a "
+                   "styled caption is pushed from the factual one (0 = off; the model folder's config.json "
+                   "holds the tuned value)")
     p.add_argument("--json", action="store_true", help="JSON lines output for machines")
     p.add_argument("--attention", metavar="PNG", help="save each word's attention map over the image "
                    "(with several images: one file per image, named PNG-STEM.png)")
@@ -149,6 +152,8 @@ def cmd_caption(args) -> int:
 
     files, folder = _expand(args.images)
     captioner = Captioner.from_pretrained(args.model)
+    if args.style_guidance is not None:
+        captioner.config.style_guidance = args.style_guidance
     if args.style and args.style not in captioner.styles:
         sys.exit(f"aicrl: unknown style {args.style!r}; this model knows {', '.join(captioner.styles)}")
     failures = 0
@@ -199,6 +204,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--style-file", help="styled captions jsonl (FlickrStyle7k format)")
     p.add_argument("--length-penalty", type=float, help="override the model's beam length penalty "
                    "(score = logprob / length**penalty); tune it on --split dev")
+    p.add_argument("--style-guidance", type=float, metavar="W", help="override the model's style guidance: how far a "
+                   "styled caption is pushed from the factual one (0 = off; the model folder's config.json "
+                   "holds the tuned value)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--save-to-model", action="store_true",
@@ -208,16 +216,19 @@ def _add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
-    from .evaluation import StyleClassifier, caption_images, evaluate_factual, evaluate_style, features_source
+    from .evaluation import (caption_images, evaluate_factual, evaluate_style, features_source,
+                             fit_style_classifier)
     from .model.captioner import Captioner, default_model_dir
 
     captioner = Captioner.from_pretrained(args.model)
     if args.length_penalty is not None:
         captioner.config.length_penalty = args.length_penalty
+    if args.style_guidance is not None:
+        captioner.config.style_guidance = args.style_guidance
     data = load_dataset(args.dataset, args.data_dir)
     features_of = features_source(captioner, data.image_dir, args.features)
     settings = {"model": args.model or "shipped", "beam_size": args.beam_size,
-                "length_penalty": captioner.config.length_penalty}
+                "length_penalty": captioner.config.length_penalty, "style_guidance": captioner.config.style_guidance}
     if args.style and args.style != FACTUAL:
         if not args.style_file:
             sys.exit("aicrl: --style needs --style-file (the styled references)")
@@ -226,9 +237,8 @@ def cmd_evaluate(args) -> int:
         refs = styled.references(split, args.style)
         names = list(refs)[: args.limit or None]
         preds = caption_images(captioner, names, features_of, args.beam_size, args.style)
-        train_caps = styled.select("train") + data.select("train")
         held_out = styled.select(split) + data.select(split)
-        classifier = StyleClassifier().fit([r.caption for r in train_caps], [r.style for r in train_caps])
+        classifier = fit_style_classifier(data, styled)
         result = evaluate_style(preds, refs, data.references(split), args.style, classifier)
         result["classifier_accuracy_on_human_captions"] = classifier.accuracy(
             [r.caption for r in held_out], [r.style for r in held_out])

@@ -5,6 +5,7 @@ log-probability, the length-normalised score used for ranking, and the attention
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,14 +24,30 @@ class Hypothesis:
     attention: torch.Tensor  # (len(tokens), regions): where the model looked for each word
 
 
-def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool) -> torch.Tensor:
+def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
+                   base_logits: torch.Tensor | None = None, guidance: float = 0.0,
+                   keep: float = 0.1) -> torch.Tensor:
     """Log-probabilities of the next word. <pad>, <start> and <unk> (ids 0, 1, 3 in every
     vocabulary) are never generated, and <end> not before the first word (an empty caption
-    helps nobody)."""
-    logits = logits.float()
+    helps nobody).
+
+    With `base_logits` (the same step decoded in the base style, i.e. factual) and `guidance` w > 0,
+    the styled distribution is pushed away from the base one: log p + w (log p - log p_base), the
+    words a style prefers over plain description. Only words the style itself finds plausible
+    (p >= keep * max p, the constraint of contrastive decoding) can win, so content stays sane."""
     banned = [0, start, UNK_ID] if allow_end else [0, start, UNK_ID, end]
-    logits[:, banned] = float("-inf")
-    return logits.log_softmax(-1)
+
+    def logprobs(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x[:, banned] = float("-inf")
+        return x.log_softmax(-1)
+
+    lp = logprobs(logits)
+    if base_logits is None or guidance == 0:
+        return lp
+    plausible = lp >= lp.max(-1, keepdim=True).values + math.log(keep)
+    guided = torch.where(plausible, lp + guidance * (lp - logprobs(base_logits)), float("-inf"))
+    return guided.log_softmax(-1)
 
 
 def _length_normalise(logprob: torch.Tensor, length: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -40,21 +57,26 @@ def _length_normalise(logprob: torch.Tensor, length: torch.Tensor, penalty: floa
 @torch.inference_mode()
 def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
                 beam_size: int = 3, n_best: int = 1, max_length: int = 30,
-                styles: torch.Tensor | None = None, length_penalty: float = 0.0) -> list[list[Hypothesis]]:
+                styles: torch.Tensor | None = None, length_penalty: float = 0.0,
+                base_styles: torch.Tensor | None = None, guidance: float = 0.0) -> list[list[Hypothesis]]:
     """Beam search over a batch of image grids `features` (B, R, F).
 
     All B*k beams advance together as one batch. A finished beam keeps its score and only extends
     with <end> at no cost, so it competes with the open ones until the end. Decoding stops when
     every beam has finished or after `max_length` words; beams that never emitted <end> are
-    returned as they are.
+    returned as they are. With `base_styles` and `guidance`, see `_word_logprobs`: every beam is
+    also decoded in the base style, in step, to contrast the two.
     """
     decoder.eval()
     B, R, _ = features.shape
     k = beam_size
     n_best = min(n_best, k)
     feats, projected, style, (h, c) = decoder.start(features, styles)
+    guided = base_styles is not None and guidance > 0
+    _, _, base_style, (hb, cb) = decoder.start(features, base_styles) if guided else (None, None, None, (h, c))
     expand = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731  (B*k, ...)
-    feats, projected, style, h, c = map(expand, (feats, projected, style, h, c))
+    feats, projected, style, h, c, base_style, hb, cb = map(expand, (feats, projected, style, h, c,
+                                                                     base_style, hb, cb))
 
     logprob = torch.full((B, k), float("-inf"), device=features.device)
     logprob[:, 0] = 0.0  # at the start all k beams are the same: keep one
@@ -70,7 +92,10 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
 
     for t in range(max_length):
         logits, (h, c), alpha = decoder.step(words, (h, c), feats, projected, style)
-        step_lp = _word_logprobs(logits, start, end, allow_end=t > 0).view(B, k, -1)
+        base_logits = None
+        if guided:
+            base_logits, (hb, cb), _ = decoder.step(words, (hb, cb), feats, projected, base_style)
+        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance).view(B, k, -1)
         vocab = step_lp.size(-1)
         step_lp = torch.where(finished.unsqueeze(2), done_row, step_lp)
         total = (logprob.unsqueeze(2) + step_lp)  # (B, k, V)
@@ -86,7 +111,7 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
         tokens = torch.cat([tokens[batch_index, beam], word.unsqueeze(2)], 2)
         alphas = torch.cat([alphas[batch_index, beam], alpha.view(B, k, R)[batch_index, beam].unsqueeze(2)], 2)
         flat = (batch_index * k + beam).view(-1)
-        h, c = h[flat], c[flat]
+        h, c, hb, cb = h[flat], c[flat], hb[flat], cb[flat]
         words = word.view(-1)
         if bool(finished.all()):
             break
@@ -108,16 +133,22 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
 
 @torch.inference_mode()
 def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
-           max_length: int = 30, styles: torch.Tensor | None = None) -> list[Hypothesis]:
+           max_length: int = 30, styles: torch.Tensor | None = None,
+           base_styles: torch.Tensor | None = None, guidance: float = 0.0) -> list[Hypothesis]:
     """The most likely word at every step, for a batch of image grids (B, R, F)."""
     decoder.eval()
     feats, projected, style, state = decoder.start(features, styles)
+    guided = base_styles is not None and guidance > 0
+    _, _, base_style, base_state = decoder.start(features, base_styles) if guided else (None, None, None, None)
     B = features.size(0)
     words = torch.full((B,), start, dtype=torch.long, device=features.device)
     steps, logprobs, alphas = [], [], []
     for t in range(max_length):
         logits, state, alpha = decoder.step(words, state, feats, projected, style)
-        lp, words = _word_logprobs(logits, start, end, allow_end=t > 0).max(-1)
+        base_logits = None
+        if guided:
+            base_logits, base_state, _ = decoder.step(words, base_state, feats, projected, base_style)
+        lp, words = _word_logprobs(logits, start, end, t > 0, base_logits, guidance).max(-1)
         steps.append(words)
         logprobs.append(lp)
         alphas.append(alpha)

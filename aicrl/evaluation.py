@@ -147,6 +147,13 @@ class StyleClassifier:
         return out
 
 
+def fit_style_classifier(factual, styled) -> StyleClassifier:
+    """The judge of style accuracy, trained on the training split's human captions of every style
+    (`factual`: the Flickr8k CaptionData, `styled`: the FlickrStyle one)."""
+    captions = styled.select("train") + factual.select("train")
+    return StyleClassifier().fit([r.caption for r in captions], [r.style for r in captions])
+
+
 def content_words(text: str) -> set[str]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
 

@@ -136,8 +136,30 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
         assert all(word in t.split() for t in texts), (style, texts)
     factual = [model.vocab.decode(h[0].tokens) for h in model.decode(features, beam_size=3)]
     assert not any(w in t.split() for t in factual for w in words.values()), factual
+    # Style guidance keeps the style words, and its two decoders (styled, factual) stay in step.
+    v, dec = model.vocab, model.decoder
+    styles, base = model.style_ids("poet", len(features)), model.style_ids("factual", len(features))
+    guided_greedy = greedy(dec, features, v.start, v.end, 20, styles, base, 2.0)
+    guided_beam = beam_search(dec, features, v.start, v.end, 1, 1, 20, styles, 0.0, base, 2.0)
+    assert [g.tokens for g in guided_greedy] == [b[0].tokens for b in guided_beam]
+    assert all("verse" in model.vocab.decode(h[0].tokens).split()
+               for h in model.decode(features, beam_size=3, style="poet", guidance=2.0))
     with pytest.raises(ValueError, match="unknown style"):
         model.decode(features, style="sarcastic")
+
+
+def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():
+    from aicrl.decoding import _word_logprobs
+
+    # ids 0-3 are <pad> <start> <end> <unk>; words 4-7
+    styled = torch.tensor([[0.0, 0.0, 0.0, 0.0, 3.0, 2.8, 0.0, -5.0]])
+    base = torch.tensor([[0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, -20.0]])
+    plain = _word_logprobs(styled.clone(), 1, 2, allow_end=True)
+    guided = _word_logprobs(styled.clone(), 1, 2, True, base.clone(), guidance=1.0)
+    assert plain.argmax() == 4 and guided.argmax() == 5  # word 5 is what the style adds
+    assert torch.isinf(guided[0, 7])  # implausible for the style itself: never boosted into play
+    assert torch.isinf(guided[0, [0, 1, 3]]).all() and torch.isclose(guided.exp().sum(), torch.tensor(1.0))
+    assert torch.equal(_word_logprobs(styled.clone(), 1, 2, True, base.clone(), guidance=0.0), plain)
 
 
 def test_two_process_ddp_keeps_replicas_identical(tiny_flickr, tiny_cache, tmp_path):

@@ -130,18 +130,23 @@ class Captioner:
             return self.encoder(batch).float()
 
     def decode(self, features: torch.Tensor, beam_size: int = 3, n_best: int = 1,
-               style: str | None = None, max_length: int | None = None) -> list[list[Hypothesis]]:
+               style: str | None = None, max_length: int | None = None,
+               guidance: float | None = None) -> list[list[Hypothesis]]:
         styles = self.style_ids(style, features.size(0))
         max_length = max_length or self.config.max_length
+        guidance = self.config.style_guidance if guidance is None else guidance
+        # A styled caption is contrasted with the default (factual) one; see decoding._word_logprobs.
+        base = None if styles is None or style in (None, "", self.styles[0]) else torch.zeros_like(styles)
         v = self.vocab
         # Decoding a few beams reads every weight at every step: bf16 halves that traffic
         # (1.6x faster for one image here); scores are still accumulated in fp32.
         dtype = autocast_dtype(self.config.precision)
         with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
             if beam_size == 1:
-                return [[h] for h in greedy(self.decoder, features, v.start, v.end, max_length, styles)]
+                return [[h] for h in greedy(self.decoder, features, v.start, v.end, max_length, styles,
+                                            base, guidance)]
             return beam_search(self.decoder, features, v.start, v.end, beam_size, n_best, max_length,
-                               styles, self.config.length_penalty)
+                               styles, self.config.length_penalty, base, guidance)
 
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None) -> list[CaptionResult]:

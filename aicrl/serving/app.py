@@ -85,7 +85,8 @@ LIMITATIONS = [
     "English only. BLEU against your reference captions counts shared words and phrases, not meaning.",
 ]
 STYLE_LIMITATION = ("The styles other than factual were learnt from FlickrStyle7k (7,000 images with humorous "
-                    "and romantic captions): styled captions are less accurate and less fluent than factual ones.")
+                    "and romantic captions): styled captions are less accurate and less fluent than factual ones, "
+                    "and often end in a stock phrase of their style (\"to impress his lover\", \"like a fish\").")
 
 
 ImageId = Annotated[str, PathParam(pattern=ID_PATTERN, description="gallery id: 32 hex digits")]
