@@ -71,12 +71,13 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
     B, R, _ = features.shape
     k = beam_size
     n_best = min(n_best, k)
-    feats, projected, style, (h, c) = decoder.start(features, styles)
-    guided = base_styles is not None and guidance > 0
-    _, _, base_style, (hb, cb) = decoder.start(features, base_styles) if guided else (None, None, None, (h, c))
     expand = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731  (B*k, ...)
-    feats, projected, style, h, c, base_style, hb, cb = map(expand, (feats, projected, style, h, c,
-                                                                     base_style, hb, cb))
+    feats, projected, style, (h, c) = decoder.start(features, styles)
+    feats, projected, style, h, c = map(expand, (feats, projected, style, h, c))
+    guided = base_styles is not None and guidance > 0
+    if guided:  # the same beams, decoded in the base style too
+        _, _, base_style, (hb, cb) = decoder.start(features, base_styles)
+        base_style, hb, cb = map(expand, (base_style, hb, cb))
 
     logprob = torch.full((B, k), float("-inf"), device=features.device)
     logprob[:, 0] = 0.0  # at the start all k beams are the same: keep one
@@ -111,7 +112,9 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
         tokens = torch.cat([tokens[batch_index, beam], word.unsqueeze(2)], 2)
         alphas = torch.cat([alphas[batch_index, beam], alpha.view(B, k, R)[batch_index, beam].unsqueeze(2)], 2)
         flat = (batch_index * k + beam).view(-1)
-        h, c, hb, cb = h[flat], c[flat], hb[flat], cb[flat]
+        h, c = h[flat], c[flat]
+        if guided:
+            hb, cb = hb[flat], cb[flat]
         words = word.view(-1)
         if bool(finished.all()):
             break
