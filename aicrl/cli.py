@@ -51,8 +51,7 @@ def _train_options(sub, name: str, **kwargs) -> argparse.ArgumentParser:
              "style_file": "jsonl of styled captions to train with (style-conditioned model)",
              "out": "output folder", "metric": "dev metric for early stopping and selection",
              "train_images": "use only the first N training images (0 = all)",
-             "precision": "decoder autocast: auto (bf16 where fast), bf16 or fp32",
-             "init_from": "start from this model folder's decoder (e.g. add styles to a factual model)"}
+             "precision": "decoder autocast: auto (bf16 where fast), bf16 or fp32"}
     for f in fields(TrainConfig):
         if f.name == "show_progress":
             continue

@@ -62,7 +62,6 @@ class TrainConfig:
     attention_dim: int = 512
     style_dim: int = 64
     dropout: float = 0.5
-    init_from: str = ""  # model folder to start from (e.g. a factual model before adding styles)
     # optimisation
     optimizer: str = "adam"  # adam or sgd (momentum 0.9)
     lr: float = 4e-4
@@ -96,40 +95,6 @@ def load_training_data(cfg: TrainConfig) -> CaptionData:
         # styled dev captions are kept apart for style evaluation, never trained on
         data.extend(CaptionData(data.image_dir, [r for r in styled.records if r.split != "train"]))
     return data
-
-
-def warm_start(decoder: AttentionLSTMDecoder, vocab: Vocabulary, model_dir: str | Path) -> None:
-    """Copy a trained model's decoder weights into `decoder`. Word rows are matched by word (new words
-    keep their random start); inputs the source model did not have (a style embedding added to a
-    factual model) get zero weights, so training starts from exactly the source model's captions."""
-    from safetensors.torch import load_file
-
-    source = load_file(str(Path(model_dir) / "model.safetensors"))
-    source_vocab = Vocabulary.load(Path(model_dir) / "vocab.json")
-    pairs = [(i, source_vocab.stoi[w]) for i, w in enumerate(vocab.itos) if w in source_vocab.stoi]
-    new_rows, old_rows = map(list, zip(*pairs))
-    state = decoder.state_dict()
-    with torch.no_grad():
-        for name, target in state.items():
-            if name not in source:  # new: the style embedding stays random, layers that read it start at 0
-                if not name.startswith("style_embed."):
-                    target.zero_()
-                continue
-            weights = source[name].float()
-            if name in ("embed.weight", "out_words.weight", "out_words.bias"):
-                if name == "out_words.bias":  # new words start as rare as the rarest known one
-                    target.fill_(float(weights.min()))
-                target[new_rows] = weights[old_rows]
-            elif weights.shape == target.shape:
-                target.copy_(weights)
-            elif weights.dim() == 2 and weights.shape[0] == target.shape[0] and weights.shape[1] < target.shape[1]:
-                target[:, : weights.shape[1]] = weights  # the style inputs come last
-                target[:, weights.shape[1]:] = 0
-            else:
-                raise ValueError(f"{model_dir}: {name} has shape {tuple(weights.shape)}, "
-                                 f"this model needs {tuple(target.shape)} (other sizes?)")
-    decoder.load_state_dict(state)
-    log.info("started from %s (%d of %d words known)", model_dir, len(pairs), len(vocab))
 
 
 def _first(images: list[str], n: int) -> list[str]:
@@ -284,8 +249,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             log.info("resuming after epoch %d (step %d)", ckpt["epoch"], step)
     elif resume and main_process:
         log.info("no checkpoint in %s: starting from scratch", out)
-    if cfg.init_from and start_epoch == 1:
-        warm_start(decoder, vocab, cfg.init_from)
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):

@@ -148,27 +148,6 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
         model.decode(features, style="sarcastic")
 
 
-def test_warm_start_adds_styles_and_words_without_changing_the_source_model(trained, tiny_cache):
-    from aicrl.data.vocab import Vocabulary
-    from aicrl.model.decoder import AttentionLSTMDecoder
-    from aicrl.training import warm_start
-
-    cfg, _ = trained
-    source = Captioner.from_pretrained(os.path.join(cfg.out, "best"))
-    vocab = Vocabulary(source.vocab.itos + ["arr"])  # one word the source never saw
-    config = replace(source.config, styles=["factual", "pirate"], vocab_size=len(vocab))
-    decoder = AttentionLSTMDecoder(config).eval()
-    warm_start(decoder, vocab, os.path.join(cfg.out, "best"))
-    cache = FeatureCache(tiny_cache)
-    features = cache.get(cache.names[:3]).float()
-    captions = torch.tensor([[source.vocab.start] + [5, 6, 7]] * 3)
-    with torch.no_grad():
-        expected = source.decoder.eval()(features, captions)[0]
-        for style in (0, 1):  # the new style input starts with zero weight: every style = the source model
-            logits = decoder(features, captions, torch.full((3,), style))[0]
-            assert torch.allclose(logits[..., : len(source.vocab)], expected, atol=1e-5)
-
-
 def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():
     from aicrl.decoding import _word_logprobs
 
