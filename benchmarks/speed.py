@@ -29,13 +29,13 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def latency(model: Captioner, paths: list[Path], runs: int, beam: int) -> dict:
+def latency(model: Captioner, paths: list[Path], runs: int, beam: int, style: str | None = None) -> dict:
     """One image at a time, end to end: read the file, preprocess, encode, beam search."""
-    model.caption([paths[0]], beam)  # warm-up
+    model.caption([paths[0]], beam, style=style)  # warm-up
     times = []
     for i in range(runs):
         t0 = time.perf_counter()
-        model.caption([paths[i % len(paths)]], beam)
+        model.caption([paths[i % len(paths)]], beam, style=style)
         times.append((time.perf_counter() - t0) * 1000)
     return {"median_ms": statistics.median(times), "p95_ms": _percentile(times, 0.95)}
 
@@ -106,6 +106,10 @@ def main() -> int:
                          f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}",
               "beam_size": args.beam_size, "batch_size": args.batch_size}
     result |= latency(model, paths, args.runs, args.beam_size)
+    styled = model.styles[-1] if len(model.styles) > 1 else None
+    if styled:  # a styled caption decodes twice when style guidance is on (styled + factual pass)
+        result["styled"] = styled
+        result["styled_median_ms"] = latency(model, paths, args.runs, args.beam_size, styled)["median_ms"]
     result |= throughput(model, images, args.beam_size, args.batch_size)
     result |= training_speed(model)
     if args.json:
@@ -113,6 +117,8 @@ def main() -> int:
         return 0
     rows = [("one image end to end, median", f"{result['median_ms']:.0f} ms"),
             ("one image end to end, p95", f"{result['p95_ms']:.0f} ms"),
+            *([(f"one image end to end, {styled} style (guidance {model.config.style_guidance:g}), median",
+                f"{result['styled_median_ms']:.0f} ms")] if styled else []),
             (f"batched (batch {args.batch_size}), end to end", f"{result['batched_img_s']:.1f} images/s"),
             ("one at a time, end to end", f"{result['one_at_a_time_img_s']:.1f} images/s"),
             ("gain of batching, end to end", f"{result['end_to_end_gain']:.2f}x"),

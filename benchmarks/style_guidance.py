@@ -21,20 +21,23 @@ from aicrl.model.captioner import Captioner
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", default="flickr8k", help="flickr8k or coco")
     parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--split", default="test", help="images to caption (choose one the reported "
+                        "style scores do not use)")
     parser.add_argument("--style-file", required=True)
     parser.add_argument("--features", help="feature cache of the model's encoder")
     parser.add_argument("--model", help="model folder (default: the shipped model)")
     parser.add_argument("--weights", default="0,0.5,1,1.5,2", help="comma-separated guidance weights")
-    parser.add_argument("--limit", type=int, default=500, help="first N test images")
+    parser.add_argument("--limit", type=int, default=500, help="first N images of the split")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     args = parser.parse_args()
 
     captioner = Captioner.from_pretrained(args.model)
-    data = load_dataset("flickr8k", args.data_dir)
+    data = load_dataset(args.dataset, args.data_dir)
     classifier = fit_style_classifier(data, read_style_jsonl(args.style_file, data.image_dir))
-    refs = data.references("test")
+    refs = data.references(args.split)
     names = list(refs)[: args.limit]
     features_of = features_source(captioner, data.image_dir, args.features)
     if not args.json:
