@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -167,8 +168,11 @@ def test_two_process_ddp_keeps_replicas_identical(tiny_flickr, tiny_cache, tmp_p
             "--embed-dim", "16", "--hidden-dim", "16", "--attention-dim", "16", "--batch-size", "4",
             "--eval-beam", "1", "--precision", "fp32", "--out", str(tmp_path / "ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    with socket.socket() as probe:  # a free port, so a busy CI machine cannot collide with us
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--master_port=29517", "-m", "aicrl.cli", "train", *args],
+                          f"--master_port={port}", "-m", "aicrl.cli", "train", *args],
                          capture_output=True, text=True, timeout=240, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     summaries = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
