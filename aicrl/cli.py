@@ -122,6 +122,10 @@ def _expand(paths: list[str]) -> tuple[list[Path], bool]:
     return files, folder
 
 
+STYLE_GUIDANCE_HELP = ("override the model's style guidance: how far a styled caption is pushed from the "
+                       "factual one (0 = off; the model folder's config.json holds the tuned value)")
+
+
 def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption image files or folders (the shipped model by default)",
                        description="Caption images with beam search. Prints one caption per image, or with "
@@ -133,9 +137,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--beam-size", type=int, default=3, help="beam width (1 = greedy)")
     p.add_argument("--n-best", type=int, default=1, help="how many captions per image")
     p.add_argument("--style", help="caption style, e.g. factual, humorous, romantic (see the model's styles)")
-    p.add_argument("--style-guidance", type=float, metavar="W", help="override the model's style guidance: how far a "
-                   "styled caption is pushed from the factual one (0 = off; the model folder's config.json "
-                   "holds the tuned value)")
+    p.add_argument("--style-guidance", type=float, metavar="W", help=STYLE_GUIDANCE_HELP)
     p.add_argument("--json", action="store_true", help="JSON lines output for machines")
     p.add_argument("--attention", metavar="PNG", help="save each word's attention map over the image "
                    "(with several images: one file per image, named PNG-STEM.png)")
@@ -204,9 +206,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--style-file", help="styled captions jsonl (FlickrStyle7k format)")
     p.add_argument("--length-penalty", type=float, help="override the model's beam length penalty "
                    "(score = logprob / length**penalty); tune it on --split dev")
-    p.add_argument("--style-guidance", type=float, metavar="W", help="override the model's style guidance: how far a "
-                   "styled caption is pushed from the factual one (0 = off; the model folder's config.json "
-                   "holds the tuned value)")
+    p.add_argument("--style-guidance", type=float, metavar="W", help=STYLE_GUIDANCE_HELP)
     p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--save-to-model", action="store_true",
