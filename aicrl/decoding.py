@@ -24,9 +24,22 @@ class Hypothesis:
     attention: torch.Tensor  # (len(tokens), regions): where the model looked for each word
 
 
+def repeated_pair_bans(history: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """(N, V) mask of the words that would repeat a pair of content words already in each row of
+    `history` (N, t): after "a blue shirt and blue", "shirt" is banned. `content` (V,) marks the
+    content words; pairs with a function word ("in a", "a red") may repeat."""
+    ban = torch.zeros(history.size(0), content.numel(), dtype=torch.bool, device=history.device)
+    if history.size(1) >= 2:
+        before, after = history[:, :-1], history[:, 1:]
+        hit = (before == history[:, -1:]) & content[before] & content[after]
+        ban.scatter_(1, torch.where(hit, after, 0), True)  # id 0 (<pad>) is banned anyway
+        ban[:, 0] = False
+    return ban
+
+
 def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
                    base_logits: torch.Tensor | None = None, guidance: float = 0.0,
-                   keep: float = 0.1) -> torch.Tensor:
+                   keep: float = 0.1, banned_words: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities of the next word. <pad>, <start> and <unk> (ids 0, 1, 3 in every
     vocabulary) are never generated, and <end> not before the first word (an empty caption
     helps nobody).
@@ -34,7 +47,8 @@ def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
     With `base_logits` (the same step decoded in the base style, i.e. factual) and `guidance` w > 0,
     the styled distribution is pushed away from the base one: log p + w (log p - log p_base), the
     words a style prefers over plain description. Only words the style itself finds plausible
-    (p >= keep * max p, the constraint of contrastive decoding) can win, so content stays sane."""
+    (p >= keep * max p, the constraint of contrastive decoding) can win, so content stays sane.
+    `banned_words` (N, V) removes more words per row (see `repeated_pair_bans`)."""
     banned = [0, start, UNK_ID] if allow_end else [0, start, UNK_ID, end]
 
     def logprobs(x: torch.Tensor) -> torch.Tensor:
@@ -42,6 +56,8 @@ def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
         x[:, banned] = float("-inf")
         return x.log_softmax(-1)
 
+    if banned_words is not None:
+        logits = logits.float().masked_fill(banned_words, float("-inf"))
     lp = logprobs(logits)
     if base_logits is None or guidance == 0:
         return lp
@@ -58,14 +74,16 @@ def _length_normalise(logprob: torch.Tensor, length: torch.Tensor, penalty: floa
 def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
                 beam_size: int = 3, n_best: int = 1, max_length: int = 30,
                 styles: torch.Tensor | None = None, length_penalty: float = 0.0,
-                base_styles: torch.Tensor | None = None, guidance: float = 0.0) -> list[list[Hypothesis]]:
+                base_styles: torch.Tensor | None = None, guidance: float = 0.0,
+                content: torch.Tensor | None = None) -> list[list[Hypothesis]]:
     """Beam search over a batch of image grids `features` (B, R, F).
 
     All B*k beams advance together as one batch. A finished beam keeps its score and only extends
     with <end> at no cost, so it competes with the open ones until the end. Decoding stops when
     every beam has finished or after `max_length` words; beams that never emitted <end> are
     returned as they are. With `base_styles` and `guidance`, see `_word_logprobs`: every beam is
-    also decoded in the base style, in step, to contrast the two.
+    also decoded in the base style, in step, to contrast the two. With `content` (V,) a beam never
+    repeats a pair of content words (`repeated_pair_bans`).
     """
     decoder.eval()
     B, R, _ = features.shape
@@ -96,7 +114,8 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
         base_logits = None
         if guided:
             base_logits, (hb, cb), _ = decoder.step(words, (hb, cb), feats, projected, base_style)
-        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance).view(B, k, -1)
+        bans = None if content is None else repeated_pair_bans(tokens.view(B * k, tokens.size(2)), content)
+        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).view(B, k, -1)
         vocab = step_lp.size(-1)
         step_lp = torch.where(finished.unsqueeze(2), done_row, step_lp)
         total = (logprob.unsqueeze(2) + step_lp)  # (B, k, V)
@@ -137,7 +156,8 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
 @torch.inference_mode()
 def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
            max_length: int = 30, styles: torch.Tensor | None = None,
-           base_styles: torch.Tensor | None = None, guidance: float = 0.0) -> list[Hypothesis]:
+           base_styles: torch.Tensor | None = None, guidance: float = 0.0,
+           content: torch.Tensor | None = None) -> list[Hypothesis]:
     """The most likely word at every step, for a batch of image grids (B, R, F)."""
     decoder.eval()
     feats, projected, style, state = decoder.start(features, styles)
@@ -151,7 +171,11 @@ def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, en
         base_logits = None
         if guided:
             base_logits, base_state, _ = decoder.step(words, base_state, feats, projected, base_style)
-        lp, words = _word_logprobs(logits, start, end, t > 0, base_logits, guidance).max(-1)
+        bans = None
+        if content is not None:
+            history = torch.stack(steps, 1) if steps else words.new_zeros(B, 0)
+            bans = repeated_pair_bans(history, content)
+        lp, words = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).max(-1)
         steps.append(words)
         logprobs.append(lp)
         alphas.append(alpha)

@@ -78,6 +78,9 @@ def test_beam_of_one_equals_greedy_and_batching_changes_nothing(trained, tiny_ca
     beam_one = beam_search(dec, features, v.start, v.end, beam_size=1, max_length=20)
     assert [g.tokens for g in greedy_out] == [b[0].tokens for b in beam_one]
     assert all(abs(g.logprob - b[0].logprob) < 1e-4 for g, b in zip(greedy_out, beam_one))
+    no_repeats = [greedy(dec, features, v.start, v.end, 20, content=model.content_words),
+                  [b[0] for b in beam_search(dec, features, v.start, v.end, 1, max_length=20, content=model.content_words)]]
+    assert [g.tokens for g in no_repeats[0]] == [b.tokens for b in no_repeats[1]]
     batched = beam_search(dec, features, v.start, v.end, beam_size=3, n_best=3, max_length=20)
     for i in range(len(features)):
         single = beam_search(dec, features[i:i + 1], v.start, v.end, beam_size=3, n_best=3, max_length=20)[0]
@@ -147,6 +150,21 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
                for h in model.decode(features, beam_size=3, style="poet", guidance=2.0))
     with pytest.raises(ValueError, match="unknown style"):
         model.decode(features, style="sarcastic")
+
+
+def test_repeated_content_pairs_are_banned_but_function_word_pairs_are_not():
+    from aicrl.data.vocab import FUNCTION_WORDS, SPECIALS
+    from aicrl.decoding import repeated_pair_bans
+
+    words = list(SPECIALS) + ["a", "blue", "shirt", "and", "red", "in", "bike"]
+    ids = {w: i for i, w in enumerate(words)}
+    content = torch.tensor([w not in FUNCTION_WORDS and w not in SPECIALS for w in words])
+    history = torch.tensor([[ids[w] for w in "a blue shirt and blue".split()],
+                            [ids[w] for w in "in a red shirt in a".split()[:5]]])
+    bans = repeated_pair_bans(history, content)
+    assert bans[0].nonzero().flatten().tolist() == [ids["shirt"]]  # "blue shirt" twice: no
+    assert not bans[1].any()  # "in a" twice is fine
+    assert not repeated_pair_bans(history[:, :0], content).any()
 
 
 def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():

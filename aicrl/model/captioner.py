@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config import CaptionerConfig
 from ..data.features import autocast_dtype
 from ..data.images import ImageSource, preprocess
-from ..data.vocab import Vocabulary
+from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
 from ..decoding import Hypothesis, beam_search, greedy
 from .decoder import AttentionLSTMDecoder
 from .encoders import ImageEncoder, build_encoder
@@ -63,6 +63,7 @@ class Captioner:
     def __init__(self, config: CaptionerConfig, vocab: Vocabulary, decoder: AttentionLSTMDecoder,
                  encoder: ImageEncoder | None = None):
         self.config, self.vocab, self.decoder = config, vocab, decoder.eval()
+        self.content_words = torch.tensor([w not in FUNCTION_WORDS and w not in SPECIALS for w in vocab.itos])
         self._encoder = encoder
         self.encoder_finetuned = False
 
@@ -137,6 +138,7 @@ class Captioner:
         guidance = self.config.style_guidance if guidance is None else guidance
         # A styled caption is contrasted with the default (factual) one; see decoding._word_logprobs.
         base = None if styles is None or style in (None, "", self.styles[0]) else torch.zeros_like(styles)
+        content = self.content_words if self.config.block_repeats else None
         v = self.vocab
         # Decoding a few beams reads every weight at every step: bf16 halves that traffic
         # (1.6x faster for one image here); scores are still accumulated in fp32.
@@ -144,9 +146,9 @@ class Captioner:
         with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
             if beam_size == 1:
                 return [[h] for h in greedy(self.decoder, features, v.start, v.end, max_length, styles,
-                                            base, guidance)]
+                                            base, guidance, content)]
             return beam_search(self.decoder, features, v.start, v.end, beam_size, n_best, max_length,
-                               styles, self.config.length_penalty, base, guidance)
+                               styles, self.config.length_penalty, base, guidance, content)
 
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None) -> list[CaptionResult]:
