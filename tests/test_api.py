@@ -152,6 +152,14 @@ def test_beam_size_n_best_and_style(client):
     assert funny["style"] == "humorous" and funny["captions"][0]["text"]
 
 
+def test_the_page_and_the_command_line_give_the_same_caption(client, web_captioner):
+    photo = SAMPLES / "astronaut.jpg"  # 512 px: JPEG draft decoding would differ from a full decode
+    for style in ("factual", "romantic"):
+        served = post_image(client, photo.read_bytes(), "astronaut.jpg", n_best=3, style=style).json()["captions"]
+        local = web_captioner.caption([photo], n_best=3, style=style)[0].captions
+        assert [(c["text"], c["score"]) for c in served] == [(c.text, round(c.score, 4)) for c in local]
+
+
 def test_references_give_bleu(client):
     first = post_image(client).json()["captions"][0]["text"]
     body = post_image(client, references=f"{first}\n\n  a completely different sentence  \n").json()

@@ -330,7 +330,9 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
                       measure: bool = True) -> dict:
         """Runs in the worker thread: validate, caption, store."""
         image = open_image(data)  # raises ImageLoadError before anything is stored
-        result = captioner.caption([image], beam_size=beam_size, n_best=n_best, style=style)[0]
+        # Caption from the bytes, as `aicrl caption` does (JPEG draft decoding straight to 224 px), so
+        # the web page and the command line give the same caption for the same file.
+        result = captioner.caption([data], beam_size=beam_size, n_best=n_best, style=style)[0]
         timing = dict(result.timing_ms)
         timing["model"] = round(timing.get("encode", 0.0) + timing.get("decode", 0.0), 1)
         if measure:

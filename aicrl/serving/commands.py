@@ -111,7 +111,7 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
                 summary["skipped_duplicates"] += 1
                 continue
             image = open_image(data)
-            result = captioner.caption([image], beam_size=beam_size, n_best=beam_size, style=style)[0]
+            result = captioner.caption([data], beam_size=beam_size, n_best=beam_size, style=style)[0]
         except (ImageLoadError, OSError) as e:
             summary["unreadable"].append({"file": name, "error": str(e)})
             bar.write(f"skipping {name}: {e}", file=sys.stderr)
