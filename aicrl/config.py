@@ -21,7 +21,7 @@ class CaptionerConfig:
     precision: str = "auto"  # encoder autocast at inference: auto / bf16 / fp32 (match the cache)
     length_penalty: float = 0.0  # beam score = logprob / length**length_penalty
     style_guidance: float = 0.0  # how hard a non-default style is pushed away from the default one
-    block_repeats: bool = True  # never say the same pair of content words twice ("blue shirt and blue shirt")
+    block_repeats: bool = True  # no content-word loops ("blue shirt and blue shirt", a word a third time)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

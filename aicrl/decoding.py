@@ -24,15 +24,19 @@ class Hypothesis:
     attention: torch.Tensor  # (len(tokens), regions): where the model looked for each word
 
 
-def repeated_pair_bans(history: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
-    """(N, V) mask of the words that would repeat a pair of content words already in each row of
-    `history` (N, t): after "a blue shirt and blue", "shirt" is banned. `content` (V,) marks the
-    content words; pairs with a function word ("in a", "a red") may repeat."""
+def repetition_bans(history: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+    """(N, V) mask of the words that would make a row of `history` (N, t) loop: the second word of
+    a pair of content words said before (after "a blue shirt and blue", "shirt"), and a content
+    word said twice already ("blue shirt and blue shorts and blue ..."). `content` (V,) marks the
+    content words; function words ("in a", "a red") may repeat freely."""
     ban = torch.zeros(history.size(0), content.numel(), dtype=torch.bool, device=history.device)
     if history.size(1) >= 2:
         before, after = history[:, :-1], history[:, 1:]
         hit = (before == history[:, -1:]) & content[before] & content[after]
         ban.scatter_(1, torch.where(hit, after, 0), True)  # id 0 (<pad>) is banned anyway
+        counts = torch.zeros(ban.shape, device=history.device).scatter_add_(
+            1, history, torch.ones(history.shape, device=history.device))
+        ban |= (counts >= 2) & content
         ban[:, 0] = False
     return ban
 
@@ -48,7 +52,7 @@ def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
     the styled distribution is pushed away from the base one: log p + w (log p - log p_base), the
     words a style prefers over plain description. Only words the style itself finds plausible
     (p >= keep * max p, the constraint of contrastive decoding) can win, so content stays sane.
-    `banned_words` (N, V) removes more words per row (see `repeated_pair_bans`)."""
+    `banned_words` (N, V) removes more words per row (see `repetition_bans`)."""
     banned = [0, start, UNK_ID] if allow_end else [0, start, UNK_ID, end]
 
     def logprobs(x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,8 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
     with <end> at no cost, so it competes with the open ones until the end. Decoding stops when
     every beam has finished or after `max_length` words; beams that never emitted <end> are
     returned as they are. With `base_styles` and `guidance`, see `_word_logprobs`: every beam is
-    also decoded in the base style, in step, to contrast the two. With `content` (V,) a beam never
-    repeats a pair of content words (`repeated_pair_bans`).
+    also decoded in the base style, in step, to contrast the two. With `content` (V,) a beam does not
+    loop (`repetition_bans`).
     """
     decoder.eval()
     B, R, _ = features.shape
@@ -114,7 +118,7 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
         base_logits = None
         if guided:
             base_logits, (hb, cb), _ = decoder.step(words, (hb, cb), feats, projected, base_style)
-        bans = None if content is None else repeated_pair_bans(tokens.view(B * k, tokens.size(2)), content)
+        bans = None if content is None else repetition_bans(tokens.view(B * k, tokens.size(2)), content)
         step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).view(B, k, -1)
         vocab = step_lp.size(-1)
         step_lp = torch.where(finished.unsqueeze(2), done_row, step_lp)
@@ -174,7 +178,7 @@ def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, en
         bans = None
         if content is not None:
             history = torch.stack(steps, 1) if steps else words.new_zeros(B, 0)
-            bans = repeated_pair_bans(history, content)
+            bans = repetition_bans(history, content)
         lp, words = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).max(-1)
         steps.append(words)
         logprobs.append(lp)

@@ -152,19 +152,21 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
         model.decode(features, style="sarcastic")
 
 
-def test_repeated_content_pairs_are_banned_but_function_word_pairs_are_not():
+def test_repetition_bans_stop_loops_but_not_function_words():
     from aicrl.data.vocab import FUNCTION_WORDS, SPECIALS
-    from aicrl.decoding import repeated_pair_bans
+    from aicrl.decoding import repetition_bans
 
-    words = list(SPECIALS) + ["a", "blue", "shirt", "and", "red", "in", "bike"]
+    words = list(SPECIALS) + ["a", "blue", "shirt", "and", "red", "in", "bike", "shorts"]
     ids = {w: i for i, w in enumerate(words)}
     content = torch.tensor([w not in FUNCTION_WORDS and w not in SPECIALS for w in words])
-    history = torch.tensor([[ids[w] for w in "a blue shirt and blue".split()],
-                            [ids[w] for w in "in a red shirt in a".split()[:5]]])
-    bans = repeated_pair_bans(history, content)
-    assert bans[0].nonzero().flatten().tolist() == [ids["shirt"]]  # "blue shirt" twice: no
+    rows = ["a blue shirt and blue", "in a red shirt in", "a blue shirt and blue shorts and"]
+    history = torch.tensor([[ids[w] for w in row.split()][:5] for row in rows[:2]])
+    bans = repetition_bans(history, content)
+    assert bans[0].nonzero().flatten().tolist() == [ids["blue"], ids["shirt"]]  # "blue shirt" twice: no
     assert not bans[1].any()  # "in a" twice is fine
-    assert not repeated_pair_bans(history[:, :0], content).any()
+    third = repetition_bans(torch.tensor([[ids[w] for w in rows[2].split()]]), content)
+    assert third[0].nonzero().flatten().tolist() == [ids["blue"]]  # a third "blue": no
+    assert not repetition_bans(history[:, :0], content).any()
 
 
 def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():

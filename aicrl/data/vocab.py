@@ -10,8 +10,8 @@ from typing import Iterable, Sequence
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 _NOT_WORD = re.compile(r"[^a-z0-9' ]+")
-# Words that legitimately repeat in a caption ("a man in a red shirt on a red bike"); any other
-# word pair said twice ("a blue shirt and blue shirt") is a decoding loop, see decoding.py.
+# Words that legitimately repeat in a caption ("a man in a red shirt on a red bike"); other words
+# said over and over ("a blue shirt and blue shirt") are a decoding loop, see decoding.py.
 FUNCTION_WORDS = frozenset(
     "a an the and or but of in on at to into onto over under through from with without by for as "
     "near next while is are was were be being his her their its he she they it this that there "
