@@ -15,6 +15,7 @@ import torch
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from nltk.translate.bleu_score import sentence_bleu as _nltk_sentence_bleu
 
+from .data.datasets import CaptionData
 from .data.vocab import tokenize
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,9 @@ class StyleClassifier:
         return out
 
 
-def fit_style_classifier(factual, styled) -> StyleClassifier:
+def fit_style_classifier(factual: CaptionData, styled: CaptionData) -> StyleClassifier:
     """The judge of style accuracy, trained on the training split's human captions of every style
-    (`factual`: the Flickr8k CaptionData, `styled`: the FlickrStyle one)."""
+    (`factual`: e.g. Flickr8k, `styled`: e.g. FlickrStyle7k)."""
     captions = styled.select("train") + factual.select("train")
     return StyleClassifier().fit([r.caption for r in captions], [r.style for r in captions])
 
