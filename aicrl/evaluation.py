@@ -170,6 +170,21 @@ def content_overlap(predictions: dict[str, str], factual_refs: dict[str, list[st
     return hits / max(len(ids), 1)
 
 
+def diversity(predictions: dict[str, str]) -> dict:
+    """How varied the captions are: distinct words and captions, mean length, and the word trigram
+    found in the most captions (a model that glues one stock phrase to every photo shows up here)."""
+    from collections import Counter
+
+    captions = [tokenize(c) for c in predictions.values()]
+    trigrams = Counter(g for c in captions for g in {tuple(c[i:i + 3]) for i in range(len(c) - 2)})
+    top, top_count = trigrams.most_common(1)[0] if trigrams else ((), 0)
+    n = max(len(captions), 1)
+    return {"distinct_words": len({w for c in captions for w in c}),
+            "distinct_captions": len({tuple(c) for c in captions}),
+            "mean_length": round(sum(map(len, captions)) / n, 2),
+            "top_trigram": " ".join(top), "top_trigram_share": round(top_count / n, 4)}
+
+
 # ----------------------------------------------------------------------------- whole splits
 
 def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], torch.Tensor],
@@ -203,7 +218,8 @@ def features_source(captioner, image_dir: str | Path,
 
 def evaluate_factual(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
     return {"coco_caption": coco_scores(predictions, references),
-            "nltk_corpus_bleu": nltk_corpus_bleu(predictions, references), "images": len(predictions)}
+            "nltk_corpus_bleu": nltk_corpus_bleu(predictions, references), "images": len(predictions),
+            "diversity": diversity(predictions)}
 
 
 def evaluate_style(predictions: dict[str, str], styled_refs: dict[str, list[str]],
@@ -214,4 +230,4 @@ def evaluate_style(predictions: dict[str, str], styled_refs: dict[str, list[str]
     predicted = classifier.predict(list(predictions.values()))
     return {"style": style, "images": len(predictions), **kept,
             "style_accuracy": sum(p == style for p in predicted) / max(len(predicted), 1),
-            "content_overlap": content_overlap(predictions, factual_refs)}
+            "content_overlap": content_overlap(predictions, factual_refs), "diversity": diversity(predictions)}

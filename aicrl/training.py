@@ -1,7 +1,13 @@
-"""The training loop: maximum likelihood with teacher forcing on cached encoder features.
+"""The training loop on cached encoder features, with two objectives.
 
-Reads top to bottom: settings -> data -> model -> optimiser -> (resume) -> epochs of
-[train, evaluate on dev, step the LR schedule, checkpoint, maybe stop early] -> best model folder.
+- cross-entropy: maximum likelihood with teacher forcing (the paper's training);
+- self-critical: REINFORCE on CIDEr-D (Rennie et al. 2017) with the "new SCST" baseline of Luo 2020,
+  the mean reward of the image's other samples; usually started from a cross-entropy model
+  (`--init-from`). See self_critical.py and rewards.py.
+
+Reads top to bottom: settings -> `prepare` (data, vocabulary, features, model) -> optimiser ->
+(`load_checkpoint`) -> epochs of [`run_epoch`, `evaluate_dev`, LR schedule, `save_checkpoint`,
+early stopping] -> the best epoch as a model folder.
 
 Runs unchanged under `torchrun --nproc_per_node=N aicrl train ...` (DistributedDataParallel; gloo on
 CPU, nccl on GPU): each process trains on its share of every epoch's batches, rank 0 evaluates and
@@ -12,6 +18,7 @@ Files in the output folder:
     best/           the best epoch so far as a model folder (Captioner.save_pretrained)
     log.jsonl       one line per epoch: loss, dev metrics, learning rate, seconds
     curves.png      the same as a picture
+    train_config.json  the resolved settings of this run
 """
 from __future__ import annotations
 
@@ -33,13 +40,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from .config import CaptionerConfig
-from .data.datasets import CaptionData, load_dataset, read_style_jsonl
+from .data.datasets import FACTUAL, CaptionData, load_dataset, read_style_jsonl
 from .data.features import FeatureCache, autocast_dtype
 from .data.images import preprocess
-from .data.vocab import Vocabulary
+from .data.vocab import Vocabulary, tokenize
 from .evaluation import caption_images, quick_scores
 from .model.captioner import Captioner
 from .model.decoder import AttentionLSTMDecoder, caption_loss
+from .rewards import CiderD
+from .self_critical import sample, self_critical_loss
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +71,16 @@ class TrainConfig:
     attention_dim: int = 512
     style_dim: int = 64
     dropout: float = 0.5
+    init_from: str = ""  # start from this model folder (its vocabulary, styles and weights)
+    # objective
+    objective: str = "cross-entropy"  # cross-entropy or self-critical (CIDEr-D reward)
+    scst_samples: int = 5  # captions sampled per image (self-critical)
+    scst_max_words: int = 20  # longest sampled caption (self-critical)
+    scst_style_ce: float = 1.0  # weight of a cross-entropy batch of styled captions per self-critical step
     # optimisation
     optimizer: str = "adam"  # adam or sgd (momentum 0.9)
     lr: float = 4e-4
-    batch_size: int = 64
+    batch_size: int = 64  # captions (cross-entropy) or images (self-critical) per step
     weight_decay: float = 0.0
     grad_clip: float = 5.0
     label_smoothing: float = 0.0
@@ -161,6 +176,206 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _autocast(dtype: torch.dtype | None):
+    return torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
+
+
+# ----------------------------------------------------------------------------- data and model
+
+@dataclass
+class Prepared:
+    """Everything an epoch needs, built once by `prepare`."""
+    data: CaptionData
+    vocab: Vocabulary
+    styles: list[str]
+    train_images: list[str]
+    dev_images: list[str]
+    train_feats: torch.Tensor  # (N, R, D) fp16, row i = train_images[i]
+    dev_feats: torch.Tensor
+    items: list[tuple[int, list[int], int]]  # (image row, word ids, style id) per training caption
+    captioner: Captioner
+
+
+def prepare(cfg: TrainConfig, main_process: bool = True) -> Prepared:
+    data = load_training_data(cfg)
+    train_images = _first(data.images("train"), cfg.train_images)
+    dev_images = _first(data.images("dev"), cfg.dev_images)
+    keep = set(train_images)
+    train_records = [r for r in data.select("train") if r.image in keep]
+    cache = FeatureCache(cfg.features)
+    missing = [n for n in train_images + dev_images if n not in cache.available]
+    if missing:
+        log.warning("%d images have no cached features and are left out", len(missing))
+        train_images = [n for n in train_images if n in cache.available]
+        dev_images = [n for n in dev_images if n in cache.available]
+
+    if cfg.init_from:  # continue from a trained model: its vocabulary, styles and weights
+        captioner = Captioner.from_pretrained(cfg.init_from)
+        if captioner.config.encoder != cache.encoder:
+            raise ValueError(f"{cfg.init_from} was trained on {captioner.config.encoder} features, "
+                             f"the cache holds {cache.encoder}")
+        unknown = set(data.styles()) - set(captioner.styles)
+        if unknown:
+            raise ValueError(f"{cfg.init_from} knows the styles {captioner.styles}, not {sorted(unknown)}")
+        vocab, styles = captioner.vocab, captioner.styles
+    else:
+        vocab = Vocabulary.build((r.caption for r in train_records), cfg.min_freq)
+        styles = data.styles()
+        model_cfg = CaptionerConfig(encoder=cache.encoder, feature_dim=cache.dim, vocab_size=len(vocab),
+                                    embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
+                                    attention_dim=cfg.attention_dim, style_dim=cfg.style_dim, styles=styles,
+                                    dropout=cfg.dropout)
+        captioner = Captioner(model_cfg, vocab, AttentionLSTMDecoder(model_cfg))
+
+    row = {n: i for i, n in enumerate(train_images)}
+    items = [(row[r.image], vocab.encode(r.caption, cfg.max_words), styles.index(r.style))
+             for r in train_records if r.image in row]
+    if main_process:
+        log.info("%d training captions of %d images, %d dev images, vocabulary %d, styles %s",
+                 len(items), len(train_images), len(dev_images), len(vocab), styles)
+    return Prepared(data, vocab, styles, train_images, dev_images, cache.get(train_images),
+                    cache.get(dev_images), items, captioner)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+class CrossEntropy:
+    """Teacher forcing on every training caption; batches of captions sorted by length."""
+
+    def __init__(self, cfg: TrainConfig, run: Prepared, amp: torch.dtype | None, encoder=None):
+        self.cfg, self.run, self.amp, self.encoder = cfg, run, amp, encoder
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        return make_batches([len(it[1]) for it in self.run.items], self.cfg.batch_size,
+                            np.random.default_rng([self.cfg.seed, epoch]))
+
+    def features(self, rows: list[int]) -> torch.Tensor:
+        """Cached grids, or (when fine-tuning) grids from the encoder being trained."""
+        if self.encoder is None:
+            return self.run.train_feats[rows].float()
+        images = torch.stack([preprocess(self.run.data.image_dir / self.run.train_images[r]) for r in rows])
+        with _autocast(self.amp):
+            return self.encoder(images.contiguous(memory_format=torch.channels_last)).float()
+
+    def loss(self, net: torch.nn.Module, batch: np.ndarray, items=None) -> torch.Tensor:
+        chosen = [(items or self.run.items)[j] for j in batch]
+        feats = self.features([c[0] for c in chosen])
+        captions = pad([c[1] for c in chosen], self.run.vocab.pad)
+        style_ids = torch.tensor([c[2] for c in chosen]) if len(self.run.styles) > 1 else None
+        with _autocast(self.amp):
+            logits, alphas = net(feats, captions, style_ids)
+        return caption_loss(logits, alphas, captions[:, 1:], self.run.vocab.pad, self.cfg.attention_penalty,
+                            self.cfg.label_smoothing)
+
+
+class SelfCritical:
+    """Batches of images; each image's captions sampled `scst_samples` times and rewarded with CIDEr-D
+    against all its factual references (document frequencies from the training references). A model
+    with styles also takes a cross-entropy batch of styled captions per step (weight `scst_style_ce`),
+    so that optimising the factual captions does not wash the styles out."""
+
+    def __init__(self, cfg: TrainConfig, run: Prepared, amp: torch.dtype | None):
+        if cfg.scst_samples < 2:
+            raise ValueError("self-critical training needs --scst-samples >= 2 (the baseline is the others' mean)")
+        self.cfg, self.run, self.amp = cfg, run, amp
+        refs = run.data.references("train")
+        self.refs = {n: [tokenize(r) for r in refs[n]] for n in run.train_images if n in refs}
+        self.images = [i for i, n in enumerate(run.train_images) if n in self.refs]
+        self.cider = CiderD(self.refs)
+        factual = run.styles.index(FACTUAL) if FACTUAL in run.styles else 0
+        self.styled = [it for it in run.items if it[2] != factual]
+        self.ce = CrossEntropy(cfg, run, amp)
+        self.last_reward = 0.0
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.cfg.seed, epoch])
+        order = rng.permutation(self.images)
+        batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
+        if self.styled and self.cfg.scst_style_ce:  # pair every image batch with a batch of styled captions
+            styled = rng.permutation(len(self.styled))
+            size = max(1, len(styled) // max(len(batches), 1))
+            batches = [(b, styled[k * size:(k + 1) * size][: self.cfg.batch_size]) for k, b in enumerate(batches)]
+        return batches
+
+    def loss(self, net: torch.nn.Module, batch) -> torch.Tensor:
+        rows, styled = batch if isinstance(batch, tuple) else (batch, None)
+        names = [self.run.train_images[r] for r in rows]
+        decoder = net.module if hasattr(net, "module") else net
+        n, v = self.cfg.scst_samples, self.run.vocab
+        style_ids = torch.full((len(rows),), self.run.styles.index(FACTUAL), dtype=torch.long) \
+            if len(self.run.styles) > 1 else None
+        with _autocast(self.amp):
+            samples = sample(decoder, self.run.train_feats[list(rows)].float(), v.start, v.end, n,
+                             self.cfg.scst_max_words, style_ids)
+        rewards = torch.tensor(self.cider.scores(samples.word_lists(v.itos, v.end),
+                                                 [name for name in names for _ in range(n)], self.refs))
+        self.last_reward = float(rewards.mean())
+        loss = self_critical_loss(samples, rewards, n)
+        if styled is not None and len(styled):
+            loss = loss + self.cfg.scst_style_ce * self.ce.loss(net, styled, self.styled)
+        return loss
+
+
+# ----------------------------------------------------------------------------- the steps of an epoch
+
+def run_epoch(objective, net: torch.nn.Module, optimizer, params: list, batches: list, cfg: TrainConfig,
+              desc: str, show: bool, sync_grads: list | None = None) -> tuple[float, int, float]:
+    """One pass over `batches`; returns (mean loss, steps, mean reward or 0)."""
+    net.train()
+    total, rewards, count = 0.0, 0.0, 0
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not show, file=sys.stderr)
+    for batch in bar:
+        loss = objective.loss(net, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in sync_grads or []:  # DDP wraps the decoder only: average these by hand
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        total, count = total + loss.item(), count + 1
+        rewards += getattr(objective, "last_reward", 0.0)
+        bar.set_postfix(loss=f"{total / count:.3f}", **({"reward": f"{rewards / count:.3f}"}
+                                                          if isinstance(objective, SelfCritical) else {}))
+    return total / max(count, 1), count, rewards / max(count, 1)
+
+
+def evaluate_dev(run: Prepared, cfg: TrainConfig, encoder=None, amp=None) -> dict[str, float]:
+    """Dev BLEU-4 and CIDEr of beam search (`eval_beam`) on the dev images."""
+    feats = run.dev_feats
+    if encoder is not None:  # a fine-tuned encoder makes its own dev grids
+        encoder.eval()
+        with torch.inference_mode(), _autocast(amp):
+            feats = torch.cat([encoder(torch.stack([preprocess(run.data.image_dir / n) for n in
+                                                    run.dev_images[i:i + 64]])).float()
+                               for i in range(0, len(run.dev_images), 64)])
+    row = {n: i for i, n in enumerate(run.dev_images)}
+    preds = caption_images(run.captioner, run.dev_images, lambda chunk: feats[[row[n] for n in chunk]],
+                           cfg.eval_beam, batch_size=100, progress=False)
+    return quick_scores(preds, run.data.references("dev"))
+
+
+def save_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, progress: dict, cfg: TrainConfig,
+                    vocab: Vocabulary) -> None:
+    _atomic_save({"model": decoder.state_dict(), "encoder": encoder.state_dict() if encoder else {},
+                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "torch_rng": torch.get_rng_state(), **progress, "vocab": vocab.itos, "config": asdict(cfg)}, path)
+
+
+def load_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, vocab: Vocabulary) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt["vocab"] != vocab.itos:
+        raise ValueError("the checkpoint was trained with another vocabulary: same data and settings?")
+    decoder.load_state_dict(ckpt["model"])
+    if encoder is not None:
+        encoder.load_state_dict(ckpt["encoder"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+    return {k: ckpt[k] for k in ("epoch", "step", "best", "bad_epochs", "history")}
+
+
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
@@ -171,38 +386,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}; choose from {sorted(OBJECTIVES)}")
+    if cfg.objective == "self-critical" and cfg.finetune_encoder:
+        raise ValueError("self-critical training runs on cached features: drop --finetune-encoder")
 
-    # --- data: captions -> (image row, word ids, style id); features stay in memory
-    data = load_training_data(cfg)
-    train_images = _first(data.images("train"), cfg.train_images)
-    dev_images = _first(data.images("dev"), cfg.dev_images)
-    keep = set(train_images)
-    train_records = [r for r in data.select("train") if r.image in keep]
-    vocab = Vocabulary.build((r.caption for r in train_records), cfg.min_freq)
-    styles = data.styles()
-    cache = FeatureCache(cfg.features)
-    missing = [n for n in train_images + dev_images if n not in cache.available]
-    if missing:
-        log.warning("%d images have no cached features and are left out", len(missing))
-        train_images = [n for n in train_images if n in cache.available]
-        dev_images = [n for n in dev_images if n in cache.available]
-    row = {n: i for i, n in enumerate(train_images)}
-    train_feats = cache.get(train_images)  # (N, R, D) fp16, resident
-    dev_feats = cache.get(dev_images)
-    items = [(row[r.image], vocab.encode(r.caption, cfg.max_words), styles.index(r.style))
-             for r in train_records if r.image in row]
-    dev_refs = data.references("dev")
-    if main_process:
-        log.info("%d training captions of %d images, %d dev images, vocabulary %d, styles %s",
-                 len(items), len(train_images), len(dev_images), len(vocab), styles)
-
-    # --- model
-    model_cfg = CaptionerConfig(encoder=cache.encoder, feature_dim=cache.dim, vocab_size=len(vocab),
-                                embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
-                                attention_dim=cfg.attention_dim, style_dim=cfg.style_dim, styles=styles,
-                                dropout=cfg.dropout)
-    decoder = AttentionLSTMDecoder(model_cfg)
-    captioner = Captioner(model_cfg, vocab, decoder)
+    run = prepare(cfg, main_process)
+    captioner, decoder, amp = run.captioner, run.captioner.decoder, autocast_dtype(cfg.precision)
     groups = [{"params": list(decoder.parameters())}]
     encoder = None
     if cfg.finetune_encoder:  # the paper fine-tunes: the encoder's last stage learns on the images
@@ -218,111 +408,68 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
-
-    def image_features(names: list[str], rows: list[int], cached: torch.Tensor) -> torch.Tensor:
-        """Cached grids, or (when fine-tuning) grids from the encoder being trained."""
-        if encoder is None:
-            return cached[rows].float()
-        images = torch.stack([preprocess(data.image_dir / names[r]) for r in rows])
-        with torch.autocast("cpu", dtype=amp) if amp else nullcontext():
-            return encoder(images.contiguous(memory_format=torch.channels_last)).float()
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
-    amp = autocast_dtype(cfg.precision)
+    objective = (SelfCritical(cfg, run, amp) if cfg.objective == "self-critical"
+                 else CrossEntropy(cfg, run, amp, encoder))
 
-    # --- resume
-    start_epoch, step, best, bad_epochs, history = 1, 0, -math.inf, 0, []
+    progress = {"epoch": 0, "step": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["vocab"] != vocab.itos:
-            raise ValueError("the checkpoint was trained with another vocabulary: same data and settings?")
-        decoder.load_state_dict(ckpt["model"])
-        if encoder is not None:
-            encoder.load_state_dict(ckpt["encoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
-        best, bad_epochs, history = ckpt["best"], ckpt["bad_epochs"], ckpt["history"]
+        progress = load_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, run.vocab)
         if main_process:
-            log.info("resuming after epoch %d (step %d)", ckpt["epoch"], step)
+            log.info("resuming after epoch %d (step %d)", progress["epoch"], progress["step"])
     elif resume and main_process:
         log.info("no checkpoint in %s: starting from scratch", out)
+    if main_process:
+        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    history = progress["history"]
 
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if bad_epochs >= cfg.early_stop:
+    for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
+        if progress["bad_epochs"] >= cfg.early_stop:
             break
         t0 = time.perf_counter()
-        net.train()
         if encoder is not None:
             encoder.train()
         # Same order on every process and on resume: the shuffle depends only on (seed, epoch).
-        batches = make_batches([len(it[1]) for it in items], cfg.batch_size,
-                               np.random.default_rng([cfg.seed, epoch]))
+        batches = objective.batches(epoch)
         batches = batches[: len(batches) // world * world][rank::world]
-        total, count = 0.0, 0
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch",
-                   disable=not (main_process and cfg.show_progress), file=sys.stderr)
-        for batch in bar:
-            chosen = [items[j] for j in batch]
-            feats = image_features(train_images, [c[0] for c in chosen], train_feats)
-            captions = pad([c[1] for c in chosen], vocab.pad)
-            style_ids = torch.tensor([c[2] for c in chosen]) if len(styles) > 1 else None
-            with torch.autocast("cpu", dtype=amp) if amp else nullcontext():
-                logits, alphas = net(feats, captions, style_ids)
-            loss = caption_loss(logits, alphas, captions[:, 1:], vocab.pad, cfg.attention_penalty,
-                                cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if encoder is not None and world > 1:  # DDP wraps the decoder only: average these by hand
-                for p in groups[1]["params"]:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            total, count = total + loss.item(), count + 1
-            bar.set_postfix(loss=f"{total / count:.3f}")
+        loss, steps, reward = run_epoch(objective, net, optimizer, params, batches, cfg, f"epoch {epoch}",
+                                        main_process and cfg.show_progress,
+                                        groups[1]["params"] if encoder is not None and world > 1 else None)
+        progress["step"] += steps
         train_seconds = time.perf_counter() - t0
 
         # --- evaluate on dev (rank 0), share the score so every process steps the same way
-        score = torch.zeros(3)
+        score = torch.zeros(2)
         if main_process:
-            if encoder is not None:
-                encoder.eval()
-                with torch.inference_mode():
-                    dev_feats = torch.cat([image_features(dev_images, list(range(i, min(i + 64, len(dev_images)))), dev_feats)
-                                           for i in range(0, len(dev_images), 64)])
-            dev_row = {n: i for i, n in enumerate(dev_images)}
-            preds = caption_images(captioner, dev_images, lambda chunk: dev_feats[[dev_row[n] for n in chunk]],
-                                   cfg.eval_beam, batch_size=100, progress=False)
-            scores = quick_scores(preds, dev_refs)
-            score = torch.tensor([scores["BLEU-4"], scores["CIDEr"], total / max(count, 1)])
+            dev = evaluate_dev(run, cfg, encoder, amp)
+            score = torch.tensor([dev["BLEU-4"], dev["CIDEr"]])
         if world > 1:
             dist.broadcast(score, 0)
         dev = {"BLEU-4": float(score[0]), "CIDEr": float(score[1])}
         current = dev[cfg.metric]
         scheduler.step(current)
-        improved = current > best
-        best, bad_epochs = (current, 0) if improved else (best, bad_epochs + 1)
-        history.append({"epoch": epoch, "step": step, "train_loss": round(total / max(count, 1), 4),
+        improved = current > progress["best"]
+        progress["best"], progress["bad_epochs"] = ((current, 0) if improved
+                                                    else (progress["best"], progress["bad_epochs"] + 1))
+        per_step = cfg.batch_size * (cfg.scst_samples if isinstance(objective, SelfCritical) else 1)
+        history.append({"epoch": epoch, "step": progress["step"], "objective": cfg.objective,
+                        "train_loss": round(loss, 4), **({"train_reward": round(reward, 4)}
+                                                         if isinstance(objective, SelfCritical) else {}),
                         "dev_BLEU-4": round(dev["BLEU-4"], 4), "dev_CIDEr": round(dev["CIDEr"], 4),
                         "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
-                        "seconds": round(time.perf_counter() - t0, 1), "captions_per_s":
-                        round(len(batches) * cfg.batch_size * world / train_seconds, 1)})
+                        "seconds": round(time.perf_counter() - t0, 1),
+                        "captions_per_s": round(steps * per_step * world / train_seconds, 1)})
+        progress["epoch"] = epoch
         if main_process:
             log.info("epoch %d: %s", epoch, history[-1])
             if improved:
                 captioner.save_pretrained(out / "best", metrics={"dev": dev, "epoch": epoch},
                                           command=command_line())
-            _atomic_save({"model": decoder.state_dict(), "encoder": encoder.state_dict() if encoder else {},
-                          "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                          "epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
-                          "history": history, "vocab": vocab.itos, "config": asdict(cfg)}, ckpt_path)
+                (out / "best" / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            save_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, progress, cfg, run.vocab)
             _write_log(history, out)
         if world > 1:
             dist.barrier()
@@ -340,6 +487,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             "epochs_run": len(history), "seconds": round(time.perf_counter() - t_start, 1),
             "out": str(out), "rank": rank, "world_size": world, "replica_checksums": checksums}
 
+
+OBJECTIVES = {"cross-entropy": CrossEntropy, "self-critical": SelfCritical}
 
 def command_line() -> str:
     prog = "torchrun ... aicrl" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "aicrl"

@@ -1,0 +1,106 @@
+"""The README's result tables, generated from the shipped model's metrics.json (never typed by hand).
+
+    python benchmarks/readme_tables.py            # print the tables
+    python benchmarks/readme_tables.py --write    # replace them in README.md between their markers
+
+tests/test_readme.py fails when the README's tables differ from what this script makes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ROOT / "aicrl" / "pretrained" / "metrics.json"
+README = ROOT / "README.md"
+COCO = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+
+# Published Flickr8k figures (quoted second-hand, see docs/published_results.md): not ours to measure.
+PUBLISHED = [
+    ("Show, Attend and Tell, soft attention (published)", {"BLEU-1": 0.67, "BLEU-2": 0.448, "BLEU-3": 0.299,
+                                                           "BLEU-4": 0.195, "METEOR": 0.189}),
+    ("Show, Attend and Tell, hard attention (published)", {"BLEU-1": 0.67, "BLEU-2": 0.457, "BLEU-3": 0.314,
+                                                           "BLEU-4": 0.213, "METEOR": 0.203}),
+]
+
+# metrics.json key -> row label, in table order (rows whose key is missing are left out)
+QUALITY_ROWS = [
+    ("test_factual", "**AICRL shipped model**, beam 3, from the image files (`aicrl caption`)"),
+    ("test_factual_greedy", "the same, greedy decoding"),
+    ("cross_entropy_start_test", "before self-critical training (the cross-entropy model it started from), beam 3"),
+]
+STYLE_ROWS = [
+    ("flickrstyle_dev_humorous_without_guidance", "humorous", "0 (off)"),
+    ("flickrstyle_dev_humorous", "**humorous** (shipped)", None),
+    ("flickrstyle_dev_romantic_without_guidance", "romantic", "0 (off)"),
+    ("flickrstyle_dev_romantic", "**romantic** (shipped)", None),
+]
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def quality_table(metrics: dict) -> str:
+    lines = ["| model | " + " | ".join(COCO) + " | words used | distinct captions |",
+             "|---|" + "---:|" * (len(COCO) + 2)]
+    for key, label in QUALITY_ROWS:
+        if key not in metrics:
+            continue
+        scores, div = metrics[key]["coco_caption"], metrics[key].get("diversity", {})
+        lines.append(f"| {label} | " + " | ".join(_f(scores.get(k)) for k in COCO)
+                     + f" | {div.get('distinct_words', '')} | {div.get('distinct_captions', '')} |")
+    for label, scores in PUBLISHED:
+        lines.append(f"| {label} | " + " | ".join(_f(scores.get(k)) for k in COCO) + " | | |")
+    lines.append('| the paper ("ResNet-50 and LSTM") | no Flickr8k numbers found |' + " |" * (len(COCO) + 1))
+    return "\n".join(lines)
+
+
+def style_table(metrics: dict) -> str:
+    lines = ["| style | style guidance | BLEU-1 | BLEU-3 | METEOR | CIDEr | style accuracy | content overlap "
+             "| top trigram (share of captions) | distinct captions |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for key, label, guidance in STYLE_ROWS:
+        if key not in metrics:
+            continue
+        m = metrics[key]
+        div = m.get("diversity", {})
+        top = f"\"{div['top_trigram']}\" {_pct(div['top_trigram_share'])}" if div else ""
+        lines.append(f"| {label} | {guidance or m.get('style_guidance')} | {_f(m.get('BLEU-1'))} | "
+                     f"{_f(m.get('BLEU-3'))} | {_f(m.get('METEOR'))} | {_f(m.get('CIDEr'))} | "
+                     f"{_pct(m.get('style_accuracy'))} | {_pct(m.get('content_overlap'))} | {top} | "
+                     f"{div.get('distinct_captions', '')} |")
+    return "\n".join(lines)
+
+
+TABLES = {"quality": quality_table, "styles": style_table}
+
+
+def render(readme: str, metrics: dict) -> str:
+    """`readme` with every <!-- table:NAME --> ... <!-- /table:NAME --> block regenerated."""
+    for name, make in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(\n<!-- /table:{name} -->)", re.S)
+        readme = pattern.sub(lambda m: m.group(1) + make(metrics) + m.group(2), readme)
+    return readme
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the tables in README.md")
+    args = parser.parse_args()
+    metrics = json.loads(METRICS.read_text())
+    if args.write:
+        README.write_text(render(README.read_text(), metrics))
+    else:
+        for make in TABLES.values():
+            print(make(metrics) + "\n")
+
+
+if __name__ == "__main__":
+    main()
