@@ -23,7 +23,6 @@ import random
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,9 +33,10 @@ from tqdm import tqdm
 
 from .config import CaptionerConfig
 from .data.datasets import CaptionData, load_dataset, read_style_jsonl
-from .data.features import FeatureCache, autocast_dtype
+from .data.features import FeatureCache, FeatureRows
 from .data.images import preprocess
 from .data.vocab import Vocabulary
+from .devices import autocast, autocast_dtype, data_parallel, distributed_backend, grad_scaler, resolve_device
 from .evaluation import caption_images, quick_scores
 from .model.captioner import Captioner
 from .model.decoder import AttentionLSTMDecoder, caption_loss
@@ -76,7 +76,10 @@ class TrainConfig:
     early_stop: int = 3  # stop after this many epochs without improvement
     metric: str = "CIDEr"  # dev metric for selection: CIDEr or BLEU-4
     eval_beam: int = 3
-    precision: str = "auto"  # autocast for the decoder: auto / bf16 / fp32
+    precision: str = "auto"  # autocast for the decoder: auto / bf16 / fp16 / fp32
+    device: str = "auto"  # auto (cuda, mps, cpu) / cpu / cuda / mps; cuda:LOCAL_RANK under torchrun
+    features_in_memory: bool = False  # copy the training features into RAM instead of reading each batch
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit): smoke runs, benchmarks
     seed: int = 0
     out: str = "runs/default"
     finetune_encoder: bool = False  # train the encoder's last stage on images (slow on CPU)
@@ -122,9 +125,9 @@ def pad(sequences: list[list[int]], value: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: torch.device) -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(distributed_backend(device))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -165,14 +168,15 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train a captioner; returns a summary (best epoch, its dev scores, seconds)."""
-    rank, world = _distributed()
+    device = resolve_device(cfg.device)
+    rank, world = _distributed(device)
     main_process = rank == 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    # --- data: captions -> (image row, word ids, style id); features stay in memory
+    # --- data: captions -> (image row, word ids, style id); features read batch by batch
     data = load_training_data(cfg)
     train_images = _first(data.images("train"), cfg.train_images)
     dev_images = _first(data.images("dev"), cfg.dev_images)
@@ -187,7 +191,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         train_images = [n for n in train_images if n in cache.available]
         dev_images = [n for n in dev_images if n in cache.available]
     row = {n: i for i, n in enumerate(train_images)}
-    train_feats = cache.get(train_images)  # (N, R, D) fp16, resident
+    train_feats = FeatureRows(cache, train_images, in_memory=cfg.features_in_memory)
     dev_feats = cache.get(dev_images)
     items = [(row[r.image], vocab.encode(r.caption, cfg.max_words), styles.index(r.style))
              for r in train_records if r.image in row]
@@ -202,7 +206,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                                 attention_dim=cfg.attention_dim, style_dim=cfg.style_dim, styles=styles,
                                 dropout=cfg.dropout)
     decoder = AttentionLSTMDecoder(model_cfg)
-    captioner = Captioner(model_cfg, vocab, decoder)
+    captioner = Captioner(model_cfg, vocab, decoder).to(device)
     groups = [{"params": list(decoder.parameters())}]
     encoder = None
     if cfg.finetune_encoder:  # the paper fine-tunes: the encoder's last stage learns on the images
@@ -210,7 +214,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         encoder.set_trainable(last_stage=True)
         captioner.encoder_finetuned = True
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr})
-    net = torch.nn.parallel.DistributedDataParallel(decoder) if world > 1 else decoder
+    net = data_parallel(decoder, device) if world > 1 else decoder
     params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -219,16 +223,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     else:
         raise ValueError(f"unknown optimizer {cfg.optimizer!r}")
 
-    def image_features(names: list[str], rows: list[int], cached: torch.Tensor) -> torch.Tensor:
-        """Cached grids, or (when fine-tuning) grids from the encoder being trained."""
+    def image_features(names: list[str], rows: list[int], cached) -> torch.Tensor:
+        """Cached grids (FeatureRows or a tensor), or (when fine-tuning) grids from the encoder being trained."""
         if encoder is None:
-            return cached[rows].float()
-        images = torch.stack([preprocess(data.image_dir / names[r]) for r in rows])
-        with torch.autocast("cpu", dtype=amp) if amp else nullcontext():
+            grids = cached.batch(rows) if isinstance(cached, FeatureRows) else cached[rows]
+            return grids.to(device, non_blocking=True).float()
+        images = torch.stack([preprocess(data.image_dir / names[r]) for r in rows]).to(device)
+        with autocast(device, amp):
             return encoder(images.contiguous(memory_format=torch.channels_last)).float()
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
-    amp = autocast_dtype(cfg.precision)
+    amp = autocast_dtype(cfg.precision, device)
+    scaler = grad_scaler(device, amp)
 
     # --- resume
     start_epoch, step, best, bad_epochs, history = 1, 0, -math.inf, 0, []
@@ -242,7 +248,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             encoder.load_state_dict(ckpt["encoder"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # dropout draws on the GPU
+            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
         start_epoch, step = ckpt["epoch"] + 1, ckpt["step"]
         best, bad_epochs, history = ckpt["best"], ckpt["bad_epochs"], ckpt["history"]
         if main_process:
@@ -252,7 +262,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     t_start = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs + 1):
-        if bad_epochs >= cfg.early_stop:
+        if bad_epochs >= cfg.early_stop or (cfg.max_steps and step >= cfg.max_steps):
             break
         t0 = time.perf_counter()
         net.train()
@@ -268,28 +278,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         for batch in bar:
             chosen = [items[j] for j in batch]
             feats = image_features(train_images, [c[0] for c in chosen], train_feats)
-            captions = pad([c[1] for c in chosen], vocab.pad)
-            style_ids = torch.tensor([c[2] for c in chosen]) if len(styles) > 1 else None
-            with torch.autocast("cpu", dtype=amp) if amp else nullcontext():
+            captions = pad([c[1] for c in chosen], vocab.pad).to(device, non_blocking=True)
+            style_ids = torch.tensor([c[2] for c in chosen], device=device) if len(styles) > 1 else None
+            with autocast(device, amp):
                 logits, alphas = net(feats, captions, style_ids)
             loss = caption_loss(logits, alphas, captions[:, 1:], vocab.pad, cfg.attention_penalty,
                                 cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if encoder is not None and world > 1:  # DDP wraps the decoder only: average these by hand
                 for p in groups[1]["params"]:
                     dist.all_reduce(p.grad)
                     p.grad /= world
             if cfg.grad_clip:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             total, count = total + loss.item(), count + 1
             bar.set_postfix(loss=f"{total / count:.3f}")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
         train_seconds = time.perf_counter() - t0
 
         # --- evaluate on dev (rank 0), share the score so every process steps the same way
-        score = torch.zeros(3)
+        score = torch.zeros(3, device=device)  # nccl only moves GPU tensors
         if main_process:
             if encoder is not None:
                 encoder.eval()
@@ -300,7 +314,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             preds = caption_images(captioner, dev_images, lambda chunk: dev_feats[[dev_row[n] for n in chunk]],
                                    cfg.eval_beam, batch_size=100, progress=False)
             scores = quick_scores(preds, dev_refs)
-            score = torch.tensor([scores["BLEU-4"], scores["CIDEr"], total / max(count, 1)])
+            score = torch.tensor([scores["BLEU-4"], scores["CIDEr"], total / max(count, 1)], device=device)
         if world > 1:
             dist.broadcast(score, 0)
         dev = {"BLEU-4": float(score[0]), "CIDEr": float(score[1])}
@@ -312,7 +326,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                         "dev_BLEU-4": round(dev["BLEU-4"], 4), "dev_CIDEr": round(dev["CIDEr"], 4),
                         "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
                         "seconds": round(time.perf_counter() - t0, 1), "captions_per_s":
-                        round(len(batches) * cfg.batch_size * world / train_seconds, 1)})
+                        round(count * cfg.batch_size * world / train_seconds, 1)})
         if main_process:
             log.info("epoch %d: %s", epoch, history[-1])
             if improved:
@@ -321,6 +335,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             _atomic_save({"model": decoder.state_dict(), "encoder": encoder.state_dict() if encoder else {},
                           "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                          "scaler": scaler.state_dict(),
+                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                           "epoch": epoch, "step": step, "best": best, "bad_epochs": bad_epochs,
                           "history": history, "vocab": vocab.itos, "config": asdict(cfg)}, ckpt_path)
             _write_log(history, out)
@@ -329,7 +345,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     checksums = None
     if world > 1:  # prove the replicas stayed identical: every process reports its weights' checksum
-        mine = torch.tensor([sum(p.double().sum().item() for p in decoder.state_dict().values())], dtype=torch.float64)
+        mine = torch.tensor([sum(p.double().sum().item() for p in decoder.state_dict().values())],
+                            dtype=torch.float64, device=device)
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         checksums = [float(g) for g in gathered]
