@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     for epoch in range(start_epoch, cfg.epochs + 1):
         if bad_epochs >= cfg.early_stop or (cfg.max_steps and step >= cfg.max_steps):
             break
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         net.train()
         if encoder is not None:
             encoder.train()
@@ -300,7 +300,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             bar.set_postfix(loss=f"{total / count:.3f}")
             if cfg.max_steps and step >= cfg.max_steps:
                 break
-        train_seconds = time.perf_counter() - t0
+        train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
         # --- evaluate on dev (rank 0), share the score so every process steps the same way
         score = torch.zeros(3, device=device)  # nccl only moves GPU tensors
@@ -325,6 +325,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         history.append({"epoch": epoch, "step": step, "train_loss": round(total / max(count, 1), 4),
                         "dev_BLEU-4": round(dev["BLEU-4"], 4), "dev_CIDEr": round(dev["CIDEr"], 4),
                         "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
+                        "train_cpu_seconds": round(train_cpu_seconds, 1),
                         "seconds": round(time.perf_counter() - t0, 1), "captions_per_s":
                         round(count * cfg.batch_size * world / train_seconds, 1)})
         if main_process:

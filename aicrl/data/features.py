@@ -149,12 +149,13 @@ class FeatureRows:
     def __init__(self, cache: FeatureCache, names: Sequence[str], in_memory: bool = False):
         self.rows = np.array([cache.row[n] for n in names], dtype=np.int64)
         self.shape = (cache.regions, cache.dim)
-        self.resident = cache.get(names) if in_memory else None
         self._memmap = cache.features
         self._row_bytes = cache.regions * cache.dim * np.dtype(np.float16).itemsize
         self._fd = None
-        if not in_memory and hasattr(os, "preadv") and self._memmap.flags.c_contiguous:
+        if hasattr(os, "preadv") and self._memmap.flags.c_contiguous:
             self._fd = os.open(cache.dir / "features.npy", os.O_RDONLY)
+        # The in-memory copy is read the same way, so the file's pages are not counted twice.
+        self.resident = torch.from_numpy(self._read(self.rows, progress=True)) if in_memory else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -163,15 +164,18 @@ class FeatureRows:
         """(len(rows), regions, dim) float16 tensor; `rows` index the names given at construction."""
         if self.resident is not None:
             return self.resident[list(rows)]
-        wanted = self.rows[np.asarray(rows, dtype=np.int64)]
+        return torch.from_numpy(self._read(self.rows[np.asarray(rows, dtype=np.int64)]))
+
+    def _read(self, wanted: np.ndarray, progress: bool = False) -> np.ndarray:
         if self._fd is None:  # no preadv (Windows): read through the memory map
-            return torch.from_numpy(np.ascontiguousarray(self._memmap[wanted]))
+            return np.ascontiguousarray(self._memmap[wanted])
         out = np.empty((len(wanted), *self.shape), np.float16)
-        for k in np.argsort(wanted, kind="stable"):  # in file order: closer to sequential on disk
+        order = np.argsort(wanted, kind="stable")  # in file order: closer to sequential on disk
+        for k in tqdm(order, desc="features into RAM", unit="img", disable=not progress, mininterval=2):
             offset = self._memmap.offset + int(wanted[k]) * self._row_bytes
             if os.preadv(self._fd, [out[k]], offset) != self._row_bytes:
                 raise OSError(f"short read in {self._memmap.filename} at row {wanted[k]}: is the cache truncated?")
-        return torch.from_numpy(out)
+        return out
 
     def __del__(self):
         if getattr(self, "_fd", None) is not None:
