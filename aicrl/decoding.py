@@ -144,6 +144,8 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
 
     score = _length_normalise(logprob, lengths, length_penalty)
     order = score.argsort(dim=1, descending=True)
+    # one copy to the CPU, not one tiny transfer per hypothesis (no-op on the CPU)
+    tokens, alphas, logprob, score, lengths, order = (x.cpu() for x in (tokens, alphas, logprob, score, lengths, order))
     results = []
     for b in range(B):
         hyps = []
@@ -185,7 +187,7 @@ def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, en
         alphas.append(alpha)
         if bool(torch.stack(steps, 1).eq(end).any(1).all()):
             break
-    steps, logprobs, alphas = torch.stack(steps, 1), torch.stack(logprobs, 1), torch.stack(alphas, 1)
+    steps, logprobs, alphas = torch.stack(steps, 1).cpu(), torch.stack(logprobs, 1).cpu(), torch.stack(alphas, 1).cpu()
     results = []
     for b in range(B):
         seq = steps[b].tolist()

@@ -30,7 +30,6 @@ import random
 import shlex
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,9 +40,10 @@ from tqdm import tqdm
 
 from .config import CaptionerConfig
 from .data.datasets import FACTUAL, CaptionData, load_dataset, read_style_jsonl
-from .data.features import FeatureCache, autocast_dtype
+from .data.features import FeatureCache, FeatureRows
 from .data.images import preprocess
 from .data.vocab import Vocabulary, tokenize
+from .devices import autocast, autocast_dtype, data_parallel, distributed_backend, grad_scaler, resolve_device
 from .evaluation import caption_images, quick_scores
 from .model.captioner import Captioner
 from .model.decoder import AttentionLSTMDecoder, caption_loss
@@ -91,7 +91,10 @@ class TrainConfig:
     early_stop: int = 3  # stop after this many epochs without improvement
     metric: str = "CIDEr"  # dev metric for selection: CIDEr or BLEU-4
     eval_beam: int = 3
-    precision: str = "auto"  # autocast for the decoder: auto / bf16 / fp32
+    precision: str = "auto"  # autocast for the decoder: auto / bf16 / fp16 / fp32
+    device: str = "auto"  # auto (cuda, mps, cpu) / cpu / cuda / mps; cuda:LOCAL_RANK under torchrun
+    features_in_memory: bool = False  # copy the training features into RAM instead of reading each batch
+    max_steps: int = 0  # stop after this many optimiser steps (0 = no limit): smoke runs, benchmarks
     seed: int = 0
     out: str = "runs/default"
     finetune_encoder: bool = False  # train the encoder's last stage on images (slow on CPU)
@@ -137,9 +140,9 @@ def pad(sequences: list[list[int]], value: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- helpers
 
-def _distributed() -> tuple[int, int]:
+def _distributed(device: torch.device) -> tuple[int, int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(distributed_backend(device))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -176,10 +179,6 @@ def plot_curves(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _autocast(dtype: torch.dtype | None):
-    return torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
-
-
 # ----------------------------------------------------------------------------- data and model
 
 @dataclass
@@ -190,13 +189,14 @@ class Prepared:
     styles: list[str]
     train_images: list[str]
     dev_images: list[str]
-    train_feats: torch.Tensor  # (N, R, D) fp16, row i = train_images[i]
+    train_feats: FeatureRows  # .batch(rows) -> (B, R, D) fp16, row i = train_images[i]
     dev_feats: torch.Tensor
     items: list[tuple[int, list[int], int]]  # (image row, word ids, style id) per training caption
     captioner: Captioner
+    device: torch.device
 
 
-def prepare(cfg: TrainConfig, main_process: bool = True) -> Prepared:
+def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -> Prepared:
     data = load_training_data(cfg)
     train_images = _first(data.images("train"), cfg.train_images)
     dev_images = _first(data.images("dev"), cfg.dev_images)
@@ -233,8 +233,9 @@ def prepare(cfg: TrainConfig, main_process: bool = True) -> Prepared:
     if main_process:
         log.info("%d training captions of %d images, %d dev images, vocabulary %d, styles %s",
                  len(items), len(train_images), len(dev_images), len(vocab), styles)
-    return Prepared(data, vocab, styles, train_images, dev_images, cache.get(train_images),
-                    cache.get(dev_images), items, captioner)
+    return Prepared(data, vocab, styles, train_images, dev_images,
+                    FeatureRows(cache, train_images, in_memory=cfg.features_in_memory), cache.get(dev_images),
+                    items, captioner.to(device), device)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -251,18 +252,21 @@ class CrossEntropy:
 
     def features(self, rows: list[int]) -> torch.Tensor:
         """Cached grids, or (when fine-tuning) grids from the encoder being trained."""
+        device = self.run.device
         if self.encoder is None:
-            return self.run.train_feats[rows].float()
+            return self.run.train_feats.batch(rows).to(device, non_blocking=True).float()
         images = torch.stack([preprocess(self.run.data.image_dir / self.run.train_images[r]) for r in rows])
-        with _autocast(self.amp):
+        with autocast(device, self.amp):
+            images = images.to(device)
             return self.encoder(images.contiguous(memory_format=torch.channels_last)).float()
 
     def loss(self, net: torch.nn.Module, batch: np.ndarray, items=None) -> torch.Tensor:
         chosen = [(items or self.run.items)[j] for j in batch]
         feats = self.features([c[0] for c in chosen])
-        captions = pad([c[1] for c in chosen], self.run.vocab.pad)
-        style_ids = torch.tensor([c[2] for c in chosen]) if len(self.run.styles) > 1 else None
-        with _autocast(self.amp):
+        device = self.run.device
+        captions = pad([c[1] for c in chosen], self.run.vocab.pad).to(device, non_blocking=True)
+        style_ids = torch.tensor([c[2] for c in chosen], device=device) if len(self.run.styles) > 1 else None
+        with autocast(device, self.amp):
             logits, alphas = net(feats, captions, style_ids)
         return caption_loss(logits, alphas, captions[:, 1:], self.run.vocab.pad, self.cfg.attention_penalty,
                             self.cfg.label_smoothing)
@@ -302,13 +306,15 @@ class SelfCritical:
         names = [self.run.train_images[r] for r in rows]
         decoder = net.module if hasattr(net, "module") else net
         n, v = self.cfg.scst_samples, self.run.vocab
-        style_ids = torch.full((len(rows),), self.run.styles.index(FACTUAL), dtype=torch.long) \
+        device = self.run.device
+        style_ids = torch.full((len(rows),), self.run.styles.index(FACTUAL), dtype=torch.long, device=device) \
             if len(self.run.styles) > 1 else None
-        with _autocast(self.amp):
-            samples = sample(decoder, self.run.train_feats[list(rows)].float(), v.start, v.end, n,
-                             self.cfg.scst_max_words, style_ids)
+        feats = self.run.train_feats.batch(rows).to(device, non_blocking=True).float()
+        with autocast(device, self.amp):
+            samples = sample(decoder, feats, v.start, v.end, n, self.cfg.scst_max_words, style_ids)
         rewards = torch.tensor(self.cider.scores(samples.word_lists(v.itos, v.end),
-                                                 [name for name in names for _ in range(n)], self.refs))
+                                                 [name for name in names for _ in range(n)], self.refs),
+                               device=device)
         self.last_reward = float(rewards.mean())
         loss = self_critical_loss(samples, rewards, n)
         if styled is not None and len(styled):
@@ -318,22 +324,25 @@ class SelfCritical:
 
 # ----------------------------------------------------------------------------- the steps of an epoch
 
-def run_epoch(objective, net: torch.nn.Module, optimizer, params: list, batches: list, cfg: TrainConfig,
+def run_epoch(objective, net: torch.nn.Module, optimizer, scaler, params: list, batches: list, cfg: TrainConfig,
               desc: str, show: bool, sync_grads: list | None = None) -> tuple[float, int, float]:
-    """One pass over `batches`; returns (mean loss, steps, mean reward or 0)."""
+    """One pass over `batches` (at most `steps_left` when cfg.max_steps is set); returns
+    (mean loss, steps, mean reward or 0)."""
     net.train()
     total, rewards, count = 0.0, 0.0, 0
     bar = tqdm(batches, desc=desc, unit="batch", disable=not show, file=sys.stderr)
     for batch in bar:
         loss = objective.loss(net, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         for p in sync_grads or []:  # DDP wraps the decoder only: average these by hand
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
         if cfg.grad_clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         total, count = total + loss.item(), count + 1
         rewards += getattr(objective, "last_reward", 0.0)
         bar.set_postfix(loss=f"{total / count:.3f}", **({"reward": f"{rewards / count:.3f}"}
@@ -346,9 +355,9 @@ def evaluate_dev(run: Prepared, cfg: TrainConfig, encoder=None, amp=None) -> dic
     feats = run.dev_feats
     if encoder is not None:  # a fine-tuned encoder makes its own dev grids
         encoder.eval()
-        with torch.inference_mode(), _autocast(amp):
+        with torch.inference_mode(), autocast(run.device, amp):
             feats = torch.cat([encoder(torch.stack([preprocess(run.data.image_dir / n) for n in
-                                                    run.dev_images[i:i + 64]])).float()
+                                                    run.dev_images[i:i + 64]]).to(run.device)).float()
                                for i in range(0, len(run.dev_images), 64)])
     row = {n: i for i, n in enumerate(run.dev_images)}
     preds = caption_images(run.captioner, run.dev_images, lambda chunk: feats[[row[n] for n in chunk]],
@@ -356,14 +365,17 @@ def evaluate_dev(run: Prepared, cfg: TrainConfig, encoder=None, amp=None) -> dic
     return quick_scores(preds, run.data.references("dev"))
 
 
-def save_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, progress: dict, cfg: TrainConfig,
-                    vocab: Vocabulary) -> None:
+def save_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, scaler, progress: dict,
+                    cfg: TrainConfig, vocab: Vocabulary, device: torch.device) -> None:
     _atomic_save({"model": decoder.state_dict(), "encoder": encoder.state_dict() if encoder else {},
                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                  "torch_rng": torch.get_rng_state(), **progress, "vocab": vocab.itos, "config": asdict(cfg)}, path)
+                  "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                  "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                  **progress, "vocab": vocab.itos, "config": asdict(cfg)}, path)
 
 
-def load_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, vocab: Vocabulary) -> dict:
+def load_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, scaler, vocab: Vocabulary,
+                    device: torch.device) -> dict:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt["vocab"] != vocab.itos:
         raise ValueError("the checkpoint was trained with another vocabulary: same data and settings?")
@@ -372,7 +384,11 @@ def load_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, vocab: V
         encoder.load_state_dict(ckpt["encoder"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["torch_rng"])
+    if device.type == "cuda" and ckpt.get("cuda_rng") is not None:  # sampling and dropout draw on the GPU
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
     return {k: ckpt[k] for k in ("epoch", "step", "best", "bad_epochs", "history")}
 
 
@@ -380,7 +396,8 @@ def load_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, vocab: V
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train a captioner; returns a summary (best epoch, its dev scores, seconds)."""
-    rank, world = _distributed()
+    device = resolve_device(cfg.device)
+    rank, world = _distributed(device)
     main_process = rank == 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -391,8 +408,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.objective == "self-critical" and cfg.finetune_encoder:
         raise ValueError("self-critical training runs on cached features: drop --finetune-encoder")
 
-    run = prepare(cfg, main_process)
-    captioner, decoder, amp = run.captioner, run.captioner.decoder, autocast_dtype(cfg.precision)
+    run = prepare(cfg, device, main_process)
+    captioner, decoder, amp = run.captioner, run.captioner.decoder, autocast_dtype(cfg.precision, device)
+    scaler = grad_scaler(device, amp)
     groups = [{"params": list(decoder.parameters())}]
     encoder = None
     if cfg.finetune_encoder:  # the paper fine-tunes: the encoder's last stage learns on the images
@@ -400,7 +418,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         encoder.set_trainable(last_stage=True)
         captioner.encoder_finetuned = True
         groups.append({"params": [p for p in encoder.parameters() if p.requires_grad], "lr": cfg.encoder_lr})
-    net = torch.nn.parallel.DistributedDataParallel(decoder) if world > 1 else decoder
+    net = data_parallel(decoder, device) if world > 1 else decoder
     params = [p for g in groups for p in g["params"]]
     if cfg.optimizer == "adam":
         optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -416,7 +434,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     progress = {"epoch": 0, "step": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        progress = load_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, run.vocab)
+        progress = load_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, scaler, run.vocab, device)
         if main_process:
             log.info("resuming after epoch %d (step %d)", progress["epoch"], progress["step"])
     elif resume and main_process:
@@ -427,25 +445,27 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     t_start = time.perf_counter()
     for epoch in range(progress["epoch"] + 1, cfg.epochs + 1):
-        if progress["bad_epochs"] >= cfg.early_stop:
+        if progress["bad_epochs"] >= cfg.early_stop or (cfg.max_steps and progress["step"] >= cfg.max_steps):
             break
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if encoder is not None:
             encoder.train()
         # Same order on every process and on resume: the shuffle depends only on (seed, epoch).
         batches = objective.batches(epoch)
         batches = batches[: len(batches) // world * world][rank::world]
-        loss, steps, reward = run_epoch(objective, net, optimizer, params, batches, cfg, f"epoch {epoch}",
+        if cfg.max_steps:
+            batches = batches[: cfg.max_steps - progress["step"]]
+        loss, steps, reward = run_epoch(objective, net, optimizer, scaler, params, batches, cfg, f"epoch {epoch}",
                                         main_process and cfg.show_progress,
                                         groups[1]["params"] if encoder is not None and world > 1 else None)
         progress["step"] += steps
-        train_seconds = time.perf_counter() - t0
+        train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
         # --- evaluate on dev (rank 0), share the score so every process steps the same way
-        score = torch.zeros(2)
+        score = torch.zeros(2, device=device)  # nccl only moves GPU tensors
         if main_process:
             dev = evaluate_dev(run, cfg, encoder, amp)
-            score = torch.tensor([dev["BLEU-4"], dev["CIDEr"]])
+            score = torch.tensor([dev["BLEU-4"], dev["CIDEr"]], device=device)
         if world > 1:
             dist.broadcast(score, 0)
         dev = {"BLEU-4": float(score[0]), "CIDEr": float(score[1])}
@@ -460,7 +480,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                                                          if isinstance(objective, SelfCritical) else {}),
                         "dev_BLEU-4": round(dev["BLEU-4"], 4), "dev_CIDEr": round(dev["CIDEr"], 4),
                         "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
-                        "seconds": round(time.perf_counter() - t0, 1),
+                        "train_cpu_seconds": round(train_cpu_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
                         "captions_per_s": round(steps * per_step * world / train_seconds, 1)})
         progress["epoch"] = epoch
         if main_process:
@@ -469,14 +489,16 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 captioner.save_pretrained(out / "best", metrics={"dev": dev, "epoch": epoch},
                                           command=command_line())
                 (out / "best" / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-            save_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, progress, cfg, run.vocab)
+            save_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, scaler, progress, cfg, run.vocab,
+                            device)
             _write_log(history, out)
         if world > 1:
             dist.barrier()
 
     checksums = None
     if world > 1:  # prove the replicas stayed identical: every process reports its weights' checksum
-        mine = torch.tensor([sum(p.double().sum().item() for p in decoder.state_dict().values())], dtype=torch.float64)
+        mine = torch.tensor([sum(p.double().sum().item() for p in decoder.state_dict().values())],
+                            dtype=torch.float64, device=device)
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         checksums = [float(g) for g in gathered]

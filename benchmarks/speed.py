@@ -19,6 +19,7 @@ import torch
 
 from aicrl.data.images import image_files, load_image
 from aicrl.model.captioner import Captioner
+from aicrl.devices import autocast
 from aicrl.model.decoder import caption_loss
 
 SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "samples"
@@ -77,7 +78,7 @@ def training_speed(model: Captioner, batch: int = 64, length: int = 14, steps: i
         for step in range(steps + 2):
             if step == 2:
                 t0 = time.perf_counter()  # two warm-up steps
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            with autocast("cpu", dtype):
                 logits, alphas = decoder(features, captions)
             loss = caption_loss(logits, alphas, captions[:, 1:], model.vocab.pad)
             optimizer.zero_grad()

@@ -60,6 +60,27 @@ def test_style_jsonl_and_coco_readers(tiny_flickr, tmp_path):
     assert (coco.image_dir / coco.images("train")[0]).exists()
 
 
+def _coco_annotations(path, ids):
+    path.write_text(json.dumps({"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids],
+                                "annotations": [{"image_id": i, "id": 10 * i + k, "caption": f"photo {i} take {k}"}
+                                                for i in ids for k in range(2)]}))
+
+
+def test_coco_split_policy(tmp_path):
+    """Dev and test are fixed halves of val2017; with no val2017, the last 10% + 10% of train2017."""
+    (tmp_path / "annotations").mkdir()
+    _coco_annotations(tmp_path / "annotations" / "captions_train2017.json", range(50, 10, -1))  # 40, unsorted
+    carved = read_coco_dir(tmp_path)
+    assert carved.images("dev") == [f"train2017/{i:012d}.jpg" for i in (46, 45, 44, 43)]
+    assert carved.images("test") == [f"train2017/{i:012d}.jpg" for i in (50, 49, 48, 47)]
+    assert len(carved.images("train")) == 32 and all(len(v) == 2 for v in carved.references("test").values())
+    _coco_annotations(tmp_path / "annotations" / "captions_val2017.json", range(100, 106))
+    full = read_coco_dir(tmp_path)
+    assert len(full.images("train")) == 40
+    assert sorted(full.images("dev")) == [f"val2017/{i:012d}.jpg" for i in (100, 101, 102)]
+    assert sorted(full.images("test")) == [f"val2017/{i:012d}.jpg" for i in (103, 104, 105)]
+
+
 def test_feature_cache_is_resumable_and_reports_bad_images(tiny_flickr, lite2, tmp_path):
     data = read_flickr8k(tiny_flickr)
     names = data.images()[:4]

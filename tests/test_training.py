@@ -186,7 +186,7 @@ def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():
 def test_two_process_ddp_keeps_replicas_identical(tiny_flickr, tiny_cache, tmp_path):
     args = ["--data-dir", str(tiny_flickr), "--features", str(tiny_cache), "--epochs", "2", "--min-freq", "1",
             "--embed-dim", "16", "--hidden-dim", "16", "--attention-dim", "16", "--batch-size", "4",
-            "--eval-beam", "1", "--precision", "fp32", "--out", str(tmp_path / "ddp")]
+            "--eval-beam", "1", "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "ddp")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     with socket.socket() as probe:  # a free port, so a busy CI machine cannot collide with us
         probe.bind(("127.0.0.1", 0))

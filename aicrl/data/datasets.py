@@ -90,23 +90,51 @@ def read_coco(annotation_file: str | Path, image_dir: str | Path, split: str = "
     return CaptionData(Path(image_dir), records)
 
 
+COCO_HELD_OUT = 2500  # images in each of dev and test (at most)
+
+
+def coco_split_policy(val_images: list[str], train_images: list[str]) -> dict[str, str]:
+    """image -> dev/test for COCO 2017, which publishes no test captions. Fixed and documented:
+
+    - with captions_val2017.json: val2017 sorted by file name (= image id); the first half is dev,
+      the second half test (2,500 + 2,500). All of train2017 trains.
+    - without it (e.g. a sample of train2017 only): dev and test are carved out of train2017, the
+      last images by file name: 10% each, at most 2,500 each; dev comes before test.
+    """
+    if val_images:
+        ordered = sorted(val_images)
+        half = len(ordered) // 2
+        return dict.fromkeys(ordered[:half], "dev") | dict.fromkeys(ordered[half:], "test")
+    ordered = sorted(train_images)
+    k = min(COCO_HELD_OUT, len(ordered) // 10)
+    if not k:
+        log.warning("COCO: only %d images and no captions_val2017.json: no dev or test images", len(ordered))
+        return {}
+    held = ordered[len(ordered) - 2 * k:]
+    return dict.fromkeys(held[:k], "dev") | dict.fromkeys(held[k:], "test")
+
+
 def read_coco_dir(data_dir: str | Path) -> CaptionData:
     """A COCO 2017 folder: annotations/captions_{train,val}2017.json with train2017/, val2017/.
 
-    COCO's val2017 serves as both dev and test here (there is no public test caption set).
+    Image names are relative to the folder (`train2017/000000000009.jpg`); dev and test follow
+    `coco_split_policy`.
     """
     data_dir = Path(data_dir)
-    out = CaptionData(data_dir)
-    for coco_split, split in (("train2017", "train"), ("val2017", "dev")):
+    parts: dict[str, CaptionData] = {}
+    for coco_split in ("train2017", "val2017"):
         ann = data_dir / "annotations" / f"captions_{coco_split}.json"
         if ann.exists():
-            part = read_coco(ann, data_dir / coco_split, split)
-            out.records += [Record(f"{coco_split}/{r.image}", r.caption, r.split) for r in part.records]
-            if split == "dev":
-                out.records += [Record(f"{coco_split}/{r.image}", r.caption, "test") for r in part.records]
-    if not out.records:
+            part = read_coco(ann, data_dir / coco_split, "train")
+            part.records = [Record(f"{coco_split}/{r.image}", r.caption, r.split) for r in part.records]
+            parts[coco_split] = part
+    if not parts:
         raise FileNotFoundError(f"{data_dir}: no annotations/captions_*2017.json found")
-    return out
+    empty = CaptionData(data_dir)
+    held_out = coco_split_policy(parts.get("val2017", empty).images(), parts.get("train2017", empty).images())
+    records = [Record(r.image, r.caption, held_out.get(r.image, "train" if name == "train2017" else "none"))
+               for name, part in parts.items() for r in part.records]
+    return CaptionData(data_dir, records)
 
 
 def read_style_jsonl(path: str | Path, image_dir: str | Path) -> CaptionData:

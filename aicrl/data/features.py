@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..devices import autocast, autocast_dtype, resolve_device  # noqa: F401  (autocast_dtype: old import path)
 from .images import ImageLoadError, preprocess
 
 log = logging.getLogger(__name__)
@@ -40,28 +41,25 @@ class _ImageFiles(Dataset):
             return row, torch.zeros(3, 224, 224), str(e)
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """'bf16' -> torch.bfloat16, 'fp32' -> None, 'auto' -> bf16 where the CPU has native bf16."""
-    if precision == "auto":
-        caps = torch.backends.cpu.get_cpu_capability().lower()
-        return torch.bfloat16 if ("amx" in caps or "avx512" in caps) else None
-    return {"bf16": torch.bfloat16, "fp32": None}[precision]
-
-
 def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Sequence[str],
                      out_dir: str | Path, batch_size: int = 32, precision: str = "auto",
-                     num_workers: int = 1) -> dict:
+                     num_workers: int | None = None, device: str | torch.device = "cpu") -> dict:
     """Write the grid features of `names` (files in `image_dir`) to the cache `out_dir`.
 
     Resumable: rows already marked done are skipped, so rerunning after an interruption continues.
+    `num_workers` image-decoding processes (None: 1 on CPU, where the encoder needs the cores, up to
+    8 on a GPU, which JPEG decoding must keep fed); on a GPU the batches come in pinned memory.
     Returns a summary dict (images done, failed, images/s, cache size in bytes).
     """
     image_dir, out = Path(image_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = list(names)
-    encoder = encoder.eval().to(memory_format=torch.channels_last)
+    device = resolve_device(device)
+    if num_workers is None:
+        num_workers = 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    encoder = encoder.eval().to(device, memory_format=torch.channels_last)
     with torch.inference_mode():
-        regions, dim = encoder(torch.zeros(1, 3, 224, 224)).shape[1:]
+        regions, dim = encoder(torch.zeros(1, 3, 224, 224, device=device)).shape[1:]
     index = {"encoder": getattr(encoder, "name", "custom"), "regions": int(regions), "dim": int(dim),
              "dtype": "float16", "images": names}
     index_file = out / "index.json"
@@ -79,9 +77,9 @@ def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Seq
     failed_file = out / "failed.json"
     failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
     todo = [i for i in range(len(names)) if not done[i] and names[i] not in failed]
-    dtype = autocast_dtype(precision)
+    dtype = autocast_dtype(precision, device)
     loader = DataLoader(_ImageFiles(image_dir, names, todo), batch_size=batch_size,
-                        num_workers=num_workers, persistent_workers=False)
+                        num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
     start, count = time.perf_counter(), 0
     bar = tqdm(total=len(todo), desc=f"features ({index['encoder']})", unit="img")
     with torch.inference_mode():
@@ -92,12 +90,12 @@ def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Seq
                     failed[names[int(rows[j])]] = err
                     log.warning("skipping unreadable image: %s", err)
             if ok:
-                batch = images[ok].contiguous(memory_format=torch.channels_last)
-                ctx = torch.autocast("cpu", dtype=dtype) if dtype else nullcontext()
-                with ctx:
+                batch = images if len(ok) == len(errors) else images[ok]  # (indexing would unpin)
+                batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                with autocast(device, dtype):
                     grid = encoder(batch)
                 rows_ok = rows[ok].numpy()
-                feats[rows_ok] = grid.float().numpy().astype(np.float16)
+                feats[rows_ok] = grid.half().cpu().numpy()  # fp16 before the copy: half the transfer
                 feats.flush()
                 done[rows_ok] = 1  # only after the features are on disk
                 done.flush()
@@ -134,3 +132,54 @@ class FeatureCache:
         """(len(names), regions, dim) float16 tensor."""
         rows = [self.row[n] for n in names]
         return torch.from_numpy(np.ascontiguousarray(self.features[rows]))
+
+
+class FeatureRows:
+    """The grids of a list of images, fetched a batch at a time for training:
+    `rows.batch([i, j, ...])` -> (B, regions, dim) float16 tensor of images[i], images[j], ...
+
+    By default every batch is read from features.npy with positioned reads (pread): the process
+    holds one batch, whatever the size of the cache (COCO train2017: 15 GB), and the operating
+    system's page cache keeps the rows in RAM while there is room, shared and given back under
+    pressure. (Reading through the memory map does the same I/O, but every page touched counts in
+    the process's RSS until the kernel reclaims it.) `in_memory=True` copies the rows into RAM once,
+    as training always did: for small caches, or file systems where reads are slow.
+    """
+
+    def __init__(self, cache: FeatureCache, names: Sequence[str], in_memory: bool = False):
+        self.rows = np.array([cache.row[n] for n in names], dtype=np.int64)
+        self.shape = (cache.regions, cache.dim)
+        self._memmap = cache.features
+        self._row_bytes = cache.regions * cache.dim * np.dtype(np.float16).itemsize
+        self._fd = None
+        if hasattr(os, "preadv") and self._memmap.flags.c_contiguous:
+            self._fd = os.open(cache.dir / "features.npy", os.O_RDONLY)
+        # The in-memory copy is read the same way, so the file's pages are not counted twice.
+        self.resident = torch.from_numpy(self._read(self.rows, progress=True)) if in_memory else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, rows: Sequence[int]) -> torch.Tensor:
+        """(len(rows), regions, dim) float16 tensor; `rows` index the names given at construction."""
+        if self.resident is not None:
+            return self.resident[list(rows)]
+        return torch.from_numpy(self._read(self.rows[np.asarray(rows, dtype=np.int64)]))
+
+    def _read(self, wanted: np.ndarray, progress: bool = False) -> np.ndarray:
+        if self._fd is None:  # no preadv (Windows): read through the memory map
+            return np.ascontiguousarray(self._memmap[wanted])
+        out = np.empty((len(wanted), *self.shape), np.float16)
+        order = np.argsort(wanted, kind="stable")  # in file order: closer to sequential on disk
+        for k in tqdm(order, desc="features into RAM", unit="img", disable=not progress, mininterval=2):
+            offset = self._memmap.offset + int(wanted[k]) * self._row_bytes
+            if os.preadv(self._fd, [out[k]], offset) != self._row_bytes:
+                raise OSError(f"short read in {self._memmap.filename} at row {wanted[k]}: is the cache truncated?")
+        return out
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except (OSError, TypeError):  # already closed, or the interpreter is shutting down
+                pass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import CaptionerConfig
-from ..data.features import autocast_dtype
 from ..data.images import ImageSource, preprocess
 from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
 from ..decoding import Hypothesis, beam_search, greedy
+from ..devices import autocast, autocast_dtype
 from .decoder import AttentionLSTMDecoder
 from .encoders import ImageEncoder, build_encoder
 
@@ -66,11 +65,21 @@ class Captioner:
         self.content_words = torch.tensor([w not in FUNCTION_WORDS and w not in SPECIALS for w in vocab.itos])
         self._encoder = encoder
         self.encoder_finetuned = False
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "Captioner":
+        """Move the model to a device (a torch.device, or 'cpu', 'cuda', ...); returns itself."""
+        self.device = torch.device(device)
+        self.decoder.to(self.device)
+        self.content_words = self.content_words.to(self.device)
+        if self._encoder is not None:
+            self._encoder.to(self.device)
+        return self
 
     @property
     def encoder(self) -> ImageEncoder:
         if self._encoder is None:  # built lazily: training from cached features never needs it
-            self._encoder = build_encoder(self.config.encoder).eval()
+            self._encoder = build_encoder(self.config.encoder).eval().to(self.device)
         return self._encoder
 
     @property
@@ -84,9 +93,10 @@ class Captioner:
         path.mkdir(parents=True, exist_ok=True)
         self.config.to_json(path / "config.json")
         self.vocab.save(path / "vocab.json")
-        tensors = {k: v.detach().half().contiguous() for k, v in self.decoder.state_dict().items()}
+        # fp16 CPU tensors: a model folder loads on any device
+        tensors = {k: v.detach().half().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
         if self.encoder_finetuned:  # only the fine-tuned last stage; the rest is the pretrained encoder
-            tensors |= {f"encoder.{k}": v.detach().half().contiguous()
+            tensors |= {f"encoder.{k}": v.detach().half().cpu().contiguous()
                         for k, v in self.encoder.state_dict().items()
                         if v.is_floating_point() and self.encoder.in_last_stage(k)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -120,19 +130,19 @@ class Captioner:
         style = style or self.styles[0]
         if style not in self.styles:
             raise ValueError(f"unknown style {style!r}; this model knows {self.styles}")
-        return torch.full((n,), self.styles.index(style), dtype=torch.long)
+        return torch.full((n,), self.styles.index(style), dtype=torch.long, device=self.device)
 
     @torch.inference_mode()
     def encode(self, images: Sequence[ImageSource]) -> torch.Tensor:
         """Images -> (B, regions, dim) grids, with the same precision as the training cache."""
-        batch = torch.stack([preprocess(img) for img in images]).contiguous(memory_format=torch.channels_last)
-        dtype = autocast_dtype(self.config.precision)
-        with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
-            return self.encoder(batch).float()
+        batch = torch.stack([preprocess(img) for img in images]).to(self.device)
+        with autocast(self.device, autocast_dtype(self.config.precision, self.device)):
+            return self.encoder(batch.contiguous(memory_format=torch.channels_last)).float()
 
     def decode(self, features: torch.Tensor, beam_size: int = 3, n_best: int = 1,
                style: str | None = None, max_length: int | None = None,
                guidance: float | None = None) -> list[list[Hypothesis]]:
+        features = features.to(self.device)
         styles = self.style_ids(style, features.size(0))
         max_length = max_length or self.config.max_length
         guidance = self.config.style_guidance if guidance is None else guidance
@@ -142,8 +152,7 @@ class Captioner:
         v = self.vocab
         # Decoding a few beams reads every weight at every step: bf16 halves that traffic
         # (1.6x faster for one image here); scores are still accumulated in fp32.
-        dtype = autocast_dtype(self.config.precision)
-        with torch.autocast("cpu", dtype=dtype) if dtype else nullcontext():
+        with autocast(self.device, autocast_dtype(self.config.precision, self.device)):
             if beam_size == 1:
                 return [[h] for h in greedy(self.decoder, features, v.start, v.end, max_length, styles,
                                             base, guidance, content)]

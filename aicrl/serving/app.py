@@ -311,15 +311,17 @@ def _clean_validation_errors(errors: list[dict]) -> tuple[str, list[dict]]:
 
 def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/gallery.db",
                captioner=None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_waiting: int = 4,
-               warmup: bool = False) -> FastAPI:
+               warmup: bool = False, device: str = "auto") -> FastAPI:
     """Build the app. `captioner` (already loaded) wins over `model_dir`; with neither, the shipped
     model is loaded. `warmup` runs the model on a synthetic image at start (the first real request
-    is then as fast as the next ones, and the Info tab has a latency from the start)."""
+    is then as fast as the next ones, and the Info tab has a latency from the start). `device`
+    places a model loaded here (see devices.resolve_device)."""
+    from ..devices import resolve_device
     from ..model.captioner import Captioner, default_model_dir
 
     model_dir = Path(model_dir) if model_dir else (None if captioner is not None else default_model_dir())
     if captioner is None:
-        captioner = Captioner.from_pretrained(model_dir)
+        captioner = Captioner.from_pretrained(model_dir).to(resolve_device(device))
     gallery = Gallery(db_path)
     runner = InferenceRunner(max_waiting)
     stats = LatencyStats()

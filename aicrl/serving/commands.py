@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 from ..data.images import image_files
+from ..devices import add_device_option
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "data/gallery.db"
 MAX_FILE_BYTES = 100 * 1024 * 1024  # `aicrl index` skips bigger files instead of reading them
+
 
 
 def add_serve(sub) -> None:
@@ -33,6 +35,7 @@ def add_serve(sub) -> None:
                    help="requests that may wait while one image is captioned; more get HTTP 503 (default 4)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip captioning a test image at start (faster start, slower first request)")
+    add_device_option(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -43,7 +46,7 @@ def cmd_serve(args) -> int:
 
     try:
         app = create_app(model_dir=args.model, db_path=args.db, max_waiting=args.max_waiting,
-                         warmup=not args.no_warmup)
+                         warmup=not args.no_warmup, device=args.device)
     except FileNotFoundError as e:
         print(f"aicrl serve: cannot load the model: {e}. Pass --model DIR with a trained model folder.",
               file=sys.stderr)
@@ -70,12 +73,13 @@ def add_index(sub) -> None:
     p.add_argument("--recursive", "-r", action="store_true", help="also index images in subfolders")
     p.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
     p.add_argument("--style", help="caption style (default: the model's first, factual)")
+    add_device_option(p)
     p.set_defaults(func=cmd_index)
 
 
 def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner=None,
                  model_dir: str | Path | None = None, recursive: bool = False, beam_size: int = 3,
-                 style: str | None = None, progress: bool = True) -> dict:
+                 style: str | None = None, progress: bool = True, device: str = "auto") -> dict:
     """Caption the images of `folder` into the gallery at `db_path`; returns a summary dict."""
     from tqdm import tqdm
 
@@ -86,9 +90,10 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
     if captioner is None:
+        from ..devices import resolve_device
         from ..model.captioner import Captioner
 
-        captioner = Captioner.from_pretrained(model_dir)
+        captioner = Captioner.from_pretrained(model_dir).to(resolve_device(device))
     style = style or captioner.styles[0]
     if style not in captioner.styles:
         raise ValueError(f"unknown style {style!r}; this model knows {captioner.styles}")
@@ -131,7 +136,7 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
 def cmd_index(args) -> int:
     try:
         summary = index_folder(args.folder, args.db, model_dir=args.model, recursive=args.recursive,
-                               beam_size=args.beam_size, style=args.style)
+                               beam_size=args.beam_size, style=args.style, device=args.device)
     except (NotADirectoryError, FileNotFoundError, ValueError) as e:
         print(f"aicrl index: {e}", file=sys.stderr)
         return 2
