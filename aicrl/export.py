@@ -101,7 +101,7 @@ def _quantize_int8(path: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(str(path), str(out), op_types_to_quantize=["MatMul", "Gemm"],
-                         weight_type=QuantType.QInt8, per_channel=False)
+                         weight_type=QuantType.QInt8, per_channel=True)
         os.replace(out, path)
 
 
