@@ -322,11 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(full).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from .runtime import OnnxModelError
+    from .runtime import BackendUnavailable, OnnxModelError
 
     try:
         return args.func(args) or 0
-    except OnnxModelError as e:  # a broken or stale export: say which file and what to run
+    except (OnnxModelError, BackendUnavailable) as e:  # a broken or stale export, a missing package
         sys.exit(f"aicrl: {e}")
 
 

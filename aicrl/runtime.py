@@ -29,6 +29,10 @@ class OnnxModelError(RuntimeError):
     """A model folder's ONNX export is missing, unreadable or stale."""
 
 
+class BackendUnavailable(ImportError):
+    """The chosen backend's packages are not installed (torch, or onnxruntime)."""
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

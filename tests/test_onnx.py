@@ -131,3 +131,22 @@ def test_help_imports_no_torch():
         run = _python("import sys; from aicrl.cli import main\ntry:\n    main([*%r, '--help'])\n"
                       "except SystemExit:\n    pass\nprint('torch' in sys.modules)" % (command,))
         assert run.returncode == 0 and run.stdout.strip().endswith("False"), (command, run.stderr[-500:])
+
+
+def test_the_app_serves_on_onnx_and_says_so(exported, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from aicrl.serving.app import create_app
+
+    with TestClient(create_app(model_dir=exported, db_path=tmp_path / "g.db")) as client:
+        info = client.get("/api/info").json()
+        assert info["backend"] == "onnx" and info["architecture"]["decoder_parameters"] > 0
+        r = client.post("/api/captions", files={"image": ("c.jpg", (SAMPLES / "chelsea.jpg").read_bytes(), "image/jpeg")})
+        assert r.status_code == 200 and r.json()["captions"][0]["text"]
+        assert len(r.json()["attention"]["weights"][0]) == 49
+
+
+def test_torch_backend_without_torch_is_a_clear_error(exported):
+    run = _python(BLOCK_TORCH + "from aicrl.cli import main; "
+                  f"main(['caption', '--backend', 'torch', {str(SAMPLES / 'chelsea.jpg')!r}])")
+    assert run.returncode == 1 and "needs torch" in run.stderr and "Traceback" not in run.stderr

@@ -177,7 +177,7 @@ class Captioner:
         "torch", or "auto": ONNX when the folder has an export and onnxruntime is installed (and no
         torch `encoder` is given), else torch. In auto mode a broken or stale export falls back to
         torch, said once on stderr, when torch is installed; otherwise it is an error naming the file."""
-        from ..runtime import OnnxModel, OnnxModelError, has_export
+        from ..runtime import BackendUnavailable, OnnxModel, OnnxModelError, has_export
 
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
@@ -200,16 +200,15 @@ class Captioner:
                     backend = "torch"
         if backend == "onnx":
             if not onnxruntime_available():
-                raise ImportError("the ONNX backend needs onnxruntime: pip install onnxruntime")
+                raise BackendUnavailable("the ONNX backend needs onnxruntime: pip install onnxruntime")
             return cls(config, vocab, runtime=OnnxModel(path, config.encoder, threads))
+        if not torch_available():
+            raise BackendUnavailable("the torch backend needs torch: pip install 'aicrl[train]'")
         return cls._from_pretrained_torch(path, config, vocab, encoder)
 
     @classmethod
     def _from_pretrained_torch(cls, path: Path, config: CaptionerConfig, vocab: Vocabulary,
                                encoder: "ImageEncoder | None") -> "Captioner":
-        if not torch_available():
-            raise ImportError(f"{path} has no usable ONNX export and torch is not installed: run "
-                              "`aicrl export` where aicrl[train] is installed, or pip install 'aicrl[train]'")
         from safetensors.torch import load_file
 
         from .decoder import AttentionLSTMDecoder
