@@ -13,7 +13,6 @@ model.safetensors, so a later change of weights makes the export stale (`runtime
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -26,7 +25,6 @@ from torch import nn
 
 from .runtime import MANIFEST, ONNX_FILES, WEIGHTS, OnnxModel, file_sha256
 
-log = logging.getLogger(__name__)
 
 OPSET = 17
 FP16_MIN_ELEMENTS = 1024  # smaller tensors (biases, norms) stay fp32: no size to win
