@@ -1,36 +1,53 @@
 # One command each: `make serve` (the web app on the shipped model), `make test` (the test suite).
-# Every target creates .venv first when it is missing.
+# `make serve` and `make caption` install only the runtime (ONNX Runtime, no torch); the other targets
+# install everything (aicrl[test] = training + tests). Every target creates .venv first when missing.
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+BASE := $(VENV)/.installed-base
+FULL := $(VENV)/.installed-full
 
-.PHONY: install serve test test-web screenshot caption benchmark clean
+.PHONY: install install-train serve test test-web screenshot caption export benchmark benchmark-serving clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+$(VENV)/bin/python:
+	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(BASE): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q -e .
+	touch $(BASE)
+
+$(FULL): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	touch $(BASE) $(FULL)
 
-install: $(STAMP)
+install: $(BASE)
 
-serve: $(STAMP)
+install-train: $(FULL)
+
+serve: $(BASE)
 	$(VENV)/bin/aicrl serve
 
-test: $(STAMP)
-	$(PY) -m pytest
-
-test-web: $(STAMP)
-	$(PY) -m pytest tests/test_api.py tests/test_browser.py
-
-screenshot: $(STAMP)
-	AICRL_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/test_browser.py -k screenshot
-
-caption: $(STAMP)
+caption: $(BASE)
 	$(VENV)/bin/aicrl caption tests/samples
 
-benchmark: $(STAMP)
+test: $(FULL)
+	$(PY) -m pytest
+
+test-web: $(FULL)
+	$(PY) -m pytest tests/test_api.py tests/test_browser.py
+
+screenshot: $(FULL)
+	AICRL_UPDATE_SCREENSHOT=1 $(PY) -m pytest tests/test_browser.py -k screenshot
+
+# Rewrite the shipped model's ONNX files after its weights changed (the tests refuse a stale export).
+export: $(FULL)
+	$(VENV)/bin/aicrl export
+
+benchmark: $(FULL)
 	$(PY) benchmarks/speed.py
+
+benchmark-serving: $(BASE)
+	$(PY) benchmarks/serving_load.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .devices import DEVICE_HELP, add_device_option
-from .serving.commands import add_index, add_serve
+from .serving.commands import add_backend, add_index, add_serve
 
 
 def _add_extract(sub) -> None:
@@ -150,6 +150,7 @@ def _add_caption(sub) -> None:
     p.add_argument("--attention", metavar="PNG", help="save each word's attention map over the image "
                    "(with several images: one file per image, named PNG-STEM.png)")
     p.add_argument("--batch-size", type=int, default=8)
+    add_backend(p)
     add_device_option(p)
     p.set_defaults(func=cmd_caption)
 
@@ -158,12 +159,11 @@ def cmd_caption(args) -> int:
     from tqdm import tqdm
 
     from .data.images import ImageLoadError, load_image
-    from .devices import resolve_device
     from .model.captioner import Captioner
     from .visualize import attention_figure
 
     files, folder = _expand(args.images)
-    captioner = Captioner.from_pretrained(args.model).to(resolve_device(args.device))
+    captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
     if args.style_guidance is not None:
         captioner.config.style_guidance = args.style_guidance
     if args.style and args.style not in captioner.styles:
@@ -221,18 +221,18 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--save-to-model", action="store_true",
                    help="also record the results in the model folder's metrics.json")
+    add_backend(p, default="torch")
     add_device_option(p)
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
     from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
-    from .devices import resolve_device
     from .evaluation import (caption_images, evaluate_factual, evaluate_style, features_source,
                              fit_style_classifier)
     from .model.captioner import Captioner, default_model_dir
 
-    captioner = Captioner.from_pretrained(args.model).to(resolve_device(args.device))
+    captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
     if args.length_penalty is not None:
         captioner.config.length_penalty = args.length_penalty
     if args.style_guidance is not None:
@@ -274,22 +274,70 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write the model's ONNX files (fast inference without torch)",
+                       description="Export a model folder to ONNX (encoder, decoder start, one decoder "
+                       "step) beside its weights, with onnx.json recording the weights they came from. "
+                       "`aicrl caption`, `index` and `serve` then run on ONNX Runtime. Rerun after the "
+                       "weights change: a stale export is refused. Needs aicrl[train] (torch).")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--int8", action="store_true", help="quantize the decoder step's weights to int8 "
+                   "(dynamic quantization: smaller; see the README for its speed and quality here)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    command = "aicrl export" + (f" --model {args.model}" if args.model else "") + (" --int8" if args.int8 else "")
+    print(json.dumps(export_onnx(args.model, int8=args.int8, command=command), indent=2))
+    return 0
+
+
+TORCH_COMMANDS = ("train", "search")  # their options come from TrainConfig, in the torch-importing training.py
+
+
+def _add_stub(sub, name: str, help: str) -> None:
+    """train/search listed by `aicrl --help` without importing torch; parsed for real when used."""
+    sub.add_parser(name, help=help, add_help=False)
+
+
+def build_parser(full: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aicrl", description="AICRL: image captioning with a pretrained CNN encoder and an "
         "attention LSTM decoder. Caption photos, train and evaluate models, serve the web app.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_train, _add_search, _add_extract):
+    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export):
         add(sub)
+    if full:
+        _add_train(sub)
+        _add_search(sub)
+    else:
+        _add_stub(sub, "train", "train the attention-LSTM decoder on cached features")
+        _add_stub(sub, "search", "run the paper's hyperparameter grid on a small budget")
+    _add_extract(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    full = wanted in TORCH_COMMANDS
+    if full:
+        from .model.captioner import torch_available
+
+        if not torch_available():
+            sys.exit(f"aicrl {wanted} needs torch: pip install 'aicrl[train]'")
+    args = build_parser(full).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return args.func(args) or 0
+    from .runtime import BackendUnavailable, OnnxModelError
+
+    try:
+        return args.func(args) or 0
+    except (OnnxModelError, BackendUnavailable) as e:  # a broken or stale export, a missing package
+        sys.exit(f"aicrl: {e}")
 
 
 if __name__ == "__main__":

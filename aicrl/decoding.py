@@ -1,19 +1,34 @@
-"""Greedy decoding and beam search, batched over images and beams (no Python loop over images).
+"""Greedy decoding and beam search on numpy, batched over images and beams, over any step function.
 
-Both return, for every image, a list of `Hypothesis` (best first): the word ids, the total
-log-probability, the length-normalised score used for ranking, and the attention of every word.
+The search never sees a framework: a `StepDecoder` (the torch decoder for training and evaluation,
+`TorchSteps`; ONNX Runtime for inference, `aicrl.runtime.OnnxSteps`) gives it
+    start(features, styles, repeat) -> state        state of B images, each row repeated `repeat` times
+    step(words, state) -> (logits, state, attention)  one word for every row: (N, V), state, (N, R)
+    reorder(state, rows) -> state                   keep/duplicate rows (beams move within an image)
+so there is one beam search to maintain. Both return, for every image, a list of `Hypothesis`
+(best first): the word ids, the total log-probability, the length-normalised score used for
+ranking, and the attention of every word.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-import torch
+import numpy as np
 
 from .data.vocab import SPECIALS, UNK
-from .model.decoder import AttentionLSTMDecoder
 
 UNK_ID = SPECIALS.index(UNK)
+NEG_INF = np.float32(-np.inf)
+
+
+class StepDecoder(Protocol):
+    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1) -> Any: ...
+
+    def step(self, words: np.ndarray, state: Any) -> tuple[np.ndarray, Any, np.ndarray]: ...
+
+    def reorder(self, state: Any, rows: np.ndarray) -> Any: ...
 
 
 @dataclass
@@ -21,29 +36,61 @@ class Hypothesis:
     tokens: list[int]  # word ids, without <start> and <end>
     logprob: float  # sum of the words' log-probabilities (including <end> when emitted)
     score: float  # logprob / length**length_penalty: the ranking key
-    attention: torch.Tensor  # (len(tokens), regions): where the model looked for each word
+    attention: np.ndarray  # (len(tokens), regions): where the model looked for each word
 
 
-def repetition_bans(history: torch.Tensor, content: torch.Tensor) -> torch.Tensor:
+def as_step_decoder(decoder) -> StepDecoder:
+    """A StepDecoder as it is, or a torch AttentionLSTMDecoder wrapped in TorchSteps."""
+    if hasattr(decoder, "reorder"):
+        return decoder
+    from .model.torch_steps import TorchSteps  # torch only where a torch module is given
+
+    return TorchSteps(decoder)
+
+
+def _array(x, dtype=None) -> np.ndarray | None:
+    """numpy view of an array-like (a torch tensor included), None stays None."""
+    if x is None:
+        return None
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+        x = x.float().numpy() if x.is_floating_point() else x.numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def repetition_bans(history: np.ndarray, content: np.ndarray) -> np.ndarray:
     """(N, V) mask of the words that would make a row of `history` (N, t) loop: the second word of
     a pair of content words said before (after "a blue shirt and blue", "shirt"), and a content
     word said twice already ("blue shirt and blue shorts and blue ..."). `content` (V,) marks the
     content words; function words ("in a", "a red") may repeat freely."""
-    ban = torch.zeros(history.size(0), content.numel(), dtype=torch.bool, device=history.device)
-    if history.size(1) >= 2:
+    history, content = _array(history, np.int64), _array(content, bool)
+    n, t = history.shape
+    ban = np.zeros((n, content.size), dtype=bool)
+    if t >= 2:
         before, after = history[:, :-1], history[:, 1:]
         hit = (before == history[:, -1:]) & content[before] & content[after]
-        ban.scatter_(1, torch.where(hit, after, 0), True)  # id 0 (<pad>) is banned anyway
-        counts = torch.zeros(ban.shape, device=history.device).scatter_add_(
-            1, history, torch.ones(history.shape, device=history.device))
+        rows, cols = np.nonzero(hit)
+        ban[rows, after[rows, cols]] = True
+        counts = np.zeros(ban.shape, dtype=np.int32)
+        index = np.arange(n)
+        for j in range(t):
+            counts[index, history[:, j]] += 1
         ban |= (counts >= 2) & content
         ban[:, 0] = False
     return ban
 
 
-def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
-                   base_logits: torch.Tensor | None = None, guidance: float = 0.0,
-                   keep: float = 0.1, banned_words: torch.Tensor | None = None) -> torch.Tensor:
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    top = x.max(-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    shifted = x - top
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _word_logprobs(logits: np.ndarray, start: int, end: int, allow_end: bool,
+                   base_logits: np.ndarray | None = None, guidance: float = 0.0,
+                   keep: float = 0.1, banned_words: np.ndarray | None = None) -> np.ndarray:
     """Log-probabilities of the next word. <pad>, <start> and <unk> (ids 0, 1, 3 in every
     vocabulary) are never generated, and <end> not before the first word (an empty caption
     helps nobody).
@@ -55,31 +102,40 @@ def _word_logprobs(logits: torch.Tensor, start: int, end: int, allow_end: bool,
     `banned_words` (N, V) removes more words per row (see `repetition_bans`)."""
     banned = [0, start, UNK_ID] if allow_end else [0, start, UNK_ID, end]
 
-    def logprobs(x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        x[:, banned] = float("-inf")
-        return x.log_softmax(-1)
+    def logprobs(x: np.ndarray) -> np.ndarray:
+        x = np.array(x, dtype=np.float32)  # a copy: the caller's logits stay as they are
+        x[:, banned] = NEG_INF
+        return _log_softmax(x)
 
+    logits = _array(logits, np.float32)
     if banned_words is not None:
-        logits = logits.float().masked_fill(banned_words, float("-inf"))
+        logits = np.where(_array(banned_words, bool), NEG_INF, logits)
     lp = logprobs(logits)
     if base_logits is None or guidance == 0:
         return lp
-    plausible = lp >= lp.max(-1, keepdim=True).values + math.log(keep)
-    guided = torch.where(plausible, lp + guidance * (lp - logprobs(base_logits)), float("-inf"))
-    return guided.log_softmax(-1)
+    plausible = lp >= lp.max(-1, keepdims=True) + np.float32(math.log(keep))
+    with np.errstate(invalid="ignore"):  # -inf - -inf where a word is banned in both: masked out here
+        guided = np.where(plausible, lp + np.float32(guidance) * (lp - logprobs(_array(base_logits))), NEG_INF)
+    return _log_softmax(guided.astype(np.float32))
 
 
-def _length_normalise(logprob: torch.Tensor, length: torch.Tensor, penalty: float) -> torch.Tensor:
-    return logprob if penalty == 0 else logprob / length.clamp(min=1).float() ** penalty
+def _length_normalise(logprob: np.ndarray, length: np.ndarray, penalty: float) -> np.ndarray:
+    if penalty == 0:
+        return logprob
+    return logprob / np.maximum(length, 1).astype(np.float32) ** np.float32(penalty)
 
 
-@torch.inference_mode()
-def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
-                beam_size: int = 3, n_best: int = 1, max_length: int = 30,
-                styles: torch.Tensor | None = None, length_penalty: float = 0.0,
-                base_styles: torch.Tensor | None = None, guidance: float = 0.0,
-                content: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest values of every row, largest first (ties: lower index first)."""
+    part = np.argpartition(-x, k - 1, axis=1)[:, :k] if k < x.shape[1] else np.tile(np.arange(x.shape[1]), (len(x), 1))
+    values = np.take_along_axis(x, part, 1)
+    order = np.lexsort((part, -values), axis=1)
+    return np.take_along_axis(part, order, 1)
+
+
+def beam_search(decoder, features, start: int, end: int, beam_size: int = 3, n_best: int = 1,
+                max_length: int = 30, styles=None, length_penalty: float = 0.0, base_styles=None,
+                guidance: float = 0.0, content=None) -> list[list[Hypothesis]]:
     """Beam search over a batch of image grids `features` (B, R, F).
 
     All B*k beams advance together as one batch. A finished beam keeps its score and only extends
@@ -89,63 +145,61 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
     also decoded in the base style, in step, to contrast the two. With `content` (V,) a beam does not
     loop (`repetition_bans`).
     """
-    decoder.eval()
-    B, R, _ = features.shape
+    steps = as_step_decoder(decoder)
+    features, styles, base_styles = _array(features, np.float32), _array(styles, np.int64), _array(base_styles, np.int64)
+    content = _array(content, bool)
+    B, R = features.shape[:2]
     k = beam_size
     n_best = min(n_best, k)
-    expand = lambda x: None if x is None else x.repeat_interleave(k, 0)  # noqa: E731  (B*k, ...)
-    feats, projected, style, (h, c) = decoder.start(features, styles)
-    feats, projected, style, h, c = map(expand, (feats, projected, style, h, c))
+    state = steps.start(features, styles, k)
     guided = base_styles is not None and guidance > 0
     if guided:  # the same beams, decoded in the base style too
-        _, _, base_style, (hb, cb) = decoder.start(features, base_styles)
-        base_style, hb, cb = map(expand, (base_style, hb, cb))
+        base_state = steps.start(features, base_styles, k)
 
-    logprob = torch.full((B, k), float("-inf"), device=features.device)
+    logprob = np.full((B, k), NEG_INF, dtype=np.float32)
     logprob[:, 0] = 0.0  # at the start all k beams are the same: keep one
-    words = torch.full((B * k,), start, dtype=torch.long, device=features.device)
-    finished = torch.zeros(B, k, dtype=torch.bool, device=features.device)
-    lengths = torch.zeros(B, k, dtype=torch.long, device=features.device)
-    tokens = torch.zeros(B, k, 0, dtype=torch.long, device=features.device)
-    alphas = torch.zeros(B, k, 0, R, device=features.device)
-    batch_index = torch.arange(B, device=features.device).unsqueeze(1)
-    # A finished beam may only continue with <end>, at log-probability 0.
-    done_row = torch.full((decoder.config.vocab_size,), float("-inf"), device=features.device)
-    done_row[end] = 0.0
+    words = np.full(B * k, start, dtype=np.int64)
+    finished = np.zeros((B, k), dtype=bool)
+    lengths = np.zeros((B, k), dtype=np.int64)
+    tokens = np.zeros((B, k, 0), dtype=np.int64)
+    alphas = np.zeros((B, k, 0, R), dtype=np.float32)
+    batch_index = np.arange(B)[:, None]
+    done_row = None  # a finished beam may only continue with <end>, at log-probability 0
 
     for t in range(max_length):
-        logits, (h, c), alpha = decoder.step(words, (h, c), feats, projected, style)
+        logits, state, alpha = steps.step(words, state)
         base_logits = None
         if guided:
-            base_logits, (hb, cb), _ = decoder.step(words, (hb, cb), feats, projected, base_style)
-        bans = None if content is None else repetition_bans(tokens.view(B * k, tokens.size(2)), content)
-        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).view(B, k, -1)
-        vocab = step_lp.size(-1)
-        step_lp = torch.where(finished.unsqueeze(2), done_row, step_lp)
-        total = (logprob.unsqueeze(2) + step_lp)  # (B, k, V)
-        new_len = lengths.unsqueeze(2) + (~finished).long().unsqueeze(2)
-        rank = _length_normalise(total, new_len.expand_as(total), length_penalty)
+            base_logits, base_state, _ = steps.step(words, base_state)
+        bans = None if content is None else repetition_bans(tokens.reshape(B * k, t), content)
+        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).reshape(B, k, -1)
+        vocab = step_lp.shape[-1]
+        if done_row is None:
+            done_row = np.full(vocab, NEG_INF, dtype=np.float32)
+            done_row[end] = 0.0
+        step_lp = np.where(finished[:, :, None], done_row, step_lp)
+        total = logprob[:, :, None] + step_lp  # (B, k, V)
+        new_len = lengths[:, :, None] + (~finished)[:, :, None]
+        rank = _length_normalise(total, new_len, length_penalty)
         # Candidates are ranked by the normalised score; keep the best k per image.
-        top_rank, top = rank.view(B, -1).topk(k, dim=1)
+        top = _top_k(rank.reshape(B, -1), k)
         beam, word = top // vocab, top % vocab
-        logprob = total.view(B, -1).gather(1, top)
-        lengths = new_len.squeeze(2).gather(1, beam)
-        was_finished = finished.gather(1, beam)
-        finished = was_finished | (word == end)
-        tokens = torch.cat([tokens[batch_index, beam], word.unsqueeze(2)], 2)
-        alphas = torch.cat([alphas[batch_index, beam], alpha.view(B, k, R)[batch_index, beam].unsqueeze(2)], 2)
-        flat = (batch_index * k + beam).view(-1)
-        h, c = h[flat], c[flat]
+        logprob = np.take_along_axis(total.reshape(B, -1), top, 1)
+        lengths = np.take_along_axis(new_len[:, :, 0], beam, 1)
+        finished = np.take_along_axis(finished, beam, 1) | (word == end)
+        tokens = np.concatenate([tokens[batch_index, beam], word[:, :, None]], 2)
+        alpha = np.asarray(alpha, dtype=np.float32).reshape(B, k, R)
+        alphas = np.concatenate([alphas[batch_index, beam], alpha[batch_index, beam][:, :, None]], 2)
+        rows = (batch_index * k + beam).reshape(-1)
+        state = steps.reorder(state, rows)
         if guided:
-            hb, cb = hb[flat], cb[flat]
-        words = word.view(-1)
-        if bool(finished.all()):
+            base_state = steps.reorder(base_state, rows)
+        words = word.reshape(-1).astype(np.int64)
+        if finished.all():
             break
 
     score = _length_normalise(logprob, lengths, length_penalty)
-    order = score.argsort(dim=1, descending=True)
-    # one copy to the CPU, not one tiny transfer per hypothesis (no-op on the CPU)
-    tokens, alphas, logprob, score, lengths, order = (x.cpu() for x in (tokens, alphas, logprob, score, lengths, order))
+    order = np.argsort(-score, axis=1, kind="stable")
     results = []
     for b in range(B):
         hyps = []
@@ -154,44 +208,44 @@ def beam_search(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: in
             if n and int(tokens[b, j, n - 1]) == end:
                 n -= 1
             hyps.append(Hypothesis(tokens[b, j, :n].tolist(), float(logprob[b, j]), float(score[b, j]),
-                                   alphas[b, j, :n].clone()))
+                                   alphas[b, j, :n].copy()))
         results.append(hyps)
     return results
 
 
-@torch.inference_mode()
-def greedy(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int,
-           max_length: int = 30, styles: torch.Tensor | None = None,
-           base_styles: torch.Tensor | None = None, guidance: float = 0.0,
-           content: torch.Tensor | None = None) -> list[Hypothesis]:
+def greedy(decoder, features, start: int, end: int, max_length: int = 30, styles=None,
+           base_styles=None, guidance: float = 0.0, content=None) -> list[Hypothesis]:
     """The most likely word at every step, for a batch of image grids (B, R, F)."""
-    decoder.eval()
-    feats, projected, style, state = decoder.start(features, styles)
+    steps = as_step_decoder(decoder)
+    features, styles, base_styles = _array(features, np.float32), _array(styles, np.int64), _array(base_styles, np.int64)
+    content = _array(content, bool)
+    B = features.shape[0]
+    state = steps.start(features, styles, 1)
     guided = base_styles is not None and guidance > 0
-    _, _, base_style, base_state = decoder.start(features, base_styles) if guided else (None, None, None, None)
-    B = features.size(0)
-    words = torch.full((B,), start, dtype=torch.long, device=features.device)
-    steps, logprobs, alphas = [], [], []
+    base_state = steps.start(features, base_styles, 1) if guided else None
+    words = np.full(B, start, dtype=np.int64)
+    chosen, logprobs, alphas = [], [], []
     for t in range(max_length):
-        logits, state, alpha = decoder.step(words, state, feats, projected, style)
+        logits, state, alpha = steps.step(words, state)
         base_logits = None
         if guided:
-            base_logits, base_state, _ = decoder.step(words, base_state, feats, projected, base_style)
+            base_logits, base_state, _ = steps.step(words, base_state)
         bans = None
         if content is not None:
-            history = torch.stack(steps, 1) if steps else words.new_zeros(B, 0)
+            history = np.stack(chosen, 1) if chosen else np.zeros((B, 0), dtype=np.int64)
             bans = repetition_bans(history, content)
-        lp, words = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).max(-1)
-        steps.append(words)
-        logprobs.append(lp)
-        alphas.append(alpha)
-        if bool(torch.stack(steps, 1).eq(end).any(1).all()):
+        lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans)
+        words = lp.argmax(-1).astype(np.int64)
+        chosen.append(words)
+        logprobs.append(lp[np.arange(B), words])
+        alphas.append(np.asarray(alpha, dtype=np.float32))
+        if (np.stack(chosen, 1) == end).any(1).all():
             break
-    steps, logprobs, alphas = torch.stack(steps, 1).cpu(), torch.stack(logprobs, 1).cpu(), torch.stack(alphas, 1).cpu()
+    seqs, lps, att = np.stack(chosen, 1), np.stack(logprobs, 1), np.stack(alphas, 1)
     results = []
     for b in range(B):
-        seq = steps[b].tolist()
+        seq = seqs[b].tolist()
         n = seq.index(end) if end in seq else len(seq)
-        total = float(logprobs[b, : min(n + 1, len(seq))].sum())
-        results.append(Hypothesis(seq[:n], total, total, alphas[b, :n].clone()))
+        total = float(lps[b, : min(n + 1, len(seq))].sum())
+        results.append(Hypothesis(seq[:n], total, total, att[b, :n].copy()))
     return results

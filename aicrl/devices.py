@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported inside the functions: the torch-free runtime imports this module
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -26,12 +28,16 @@ def add_device_option(parser) -> None:
 
 
 def mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
 
 def available_devices() -> list[str]:
     """The device types this machine can run on, cpu first."""
+    import torch
+
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if mps_available() else [])
 
 
@@ -39,6 +45,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """`--device` -> a torch.device. Under torchrun (LOCAL_RANK set) 'cuda' means cuda:LOCAL_RANK, and
     that GPU becomes the current one, which nccl collectives need. Asking for a device the machine
     lacks is an error, never a silent fall-back to the CPU."""
+    import torch
+
     name = str(name)
     if name not in DEVICES and not name.startswith("cuda:"):
         raise ValueError(f"unknown device {name!r}; choose from {', '.join(DEVICES)} (or cuda:N)")
@@ -64,6 +72,8 @@ def autocast_dtype(precision: str, device: str | torch.device = "cpu") -> torch.
     """'bf16' / 'fp16' -> that dtype, 'fp32' -> None (no autocast), 'auto' -> what the device runs
     natively: bf16 on CUDA GPUs from Ampere on and on CPUs with AVX512/AMX, fp16 (with a grad scaler
     for training) on older CUDA GPUs, fp32 elsewhere (MPS, older CPUs)."""
+    import torch
+
     if precision == "auto":
         device = torch.device(device)
         if device.type == "cuda":
@@ -80,6 +90,8 @@ def autocast_dtype(precision: str, device: str | torch.device = "cpu") -> torch.
 
 def autocast(device: str | torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """Autocast on `device`'s type in `dtype`; no autocast at all for None (fp32)."""
+    import torch
+
     return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext()
 
 
@@ -87,6 +99,8 @@ def grad_scaler(device: str | torch.device, dtype: torch.dtype | None) -> torch.
     """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled scaler
     passes scale/step/update straight through, so the training loop is the same for all). Scaling
     is done on CUDA, where fp16 is what 'auto' picks on GPUs without bf16."""
+    import torch
+
     device = torch.device(device)
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16 and device.type == "cuda")
 
@@ -98,5 +112,7 @@ def distributed_backend(device: torch.device) -> str:
 
 def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """DistributedDataParallel with the right device_ids for `device` (one GPU per process)."""
+    import torch
+
     ids = [device] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)

@@ -8,12 +8,7 @@ import logging
 import shutil
 from importlib import util
 from pathlib import Path
-from typing import Callable
-
-import torch
-
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-from nltk.translate.bleu_score import sentence_bleu as _nltk_sentence_bleu
+from typing import Any, Callable
 
 from .data.datasets import CaptionData
 from .data.vocab import tokenize
@@ -94,6 +89,8 @@ def quick_scores(predictions: dict[str, str], references: dict[str, list[str]]) 
 
 def nltk_corpus_bleu(predictions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
     """NLTK corpus BLEU-1..4 on our tokens: the kind of number the paper reports."""
+    from nltk.translate.bleu_score import corpus_bleu  # nltk takes seconds to import: only when used
+
     ids = [i for i in predictions if i in references]
     hyps = [tokenize(predictions[i]) for i in ids]
     refs = [[tokenize(r) for r in references[i]] for i in ids]
@@ -103,6 +100,9 @@ def nltk_corpus_bleu(predictions: dict[str, str], references: dict[str, list[str
 def sentence_bleu(candidate: str, references: list[str]) -> dict[str, float]:
     """BLEU-1..4 of one caption against one or more references (smoothed, as short texts need),
     and the combined score (BLEU-4, the geometric mean of the 1- to 4-gram precisions)."""
+    from nltk.translate.bleu_score import SmoothingFunction
+    from nltk.translate.bleu_score import sentence_bleu as _nltk_sentence_bleu
+
     refs = [tokenize(r) for r in references if tokenize(r)]
     hyp = tokenize(candidate)
     if not refs:
@@ -187,23 +187,24 @@ def diversity(predictions: dict[str, str]) -> dict:
 
 # ----------------------------------------------------------------------------- whole splits
 
-def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], torch.Tensor],
+def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], Any],
                    beam_size: int = 3, style: str | None = None, batch_size: int = 50,
                    progress: bool = True) -> dict[str, str]:
-    """Caption `names` batch by batch; `features_of(chunk)` gives their (B, regions, dim) grids."""
+    """Caption `names` batch by batch; `features_of(chunk)` gives their (B, regions, dim) grids
+    (numpy or torch)."""
     from tqdm import tqdm
 
     out = {}
     for i in tqdm(range(0, len(names), batch_size), desc=f"captioning ({style or 'factual'})",
                   unit="batch", disable=not progress):
         chunk = names[i:i + batch_size]
-        for name, hyps in zip(chunk, captioner.decode(features_of(chunk).float(), beam_size, 1, style)):
+        for name, hyps in zip(chunk, captioner.decode(features_of(chunk), beam_size, 1, style)):
             out[name] = captioner.vocab.decode(hyps[0].tokens)
     return out
 
 
 def features_source(captioner, image_dir: str | Path,
-                    cache_dir: str | Path | None = None) -> Callable[[list[str]], torch.Tensor]:
+                    cache_dir: str | Path | None = None) -> Callable[[list[str]], Any]:
     """Grids from a feature cache of the same encoder when given, else from the images."""
     if cache_dir and not captioner.encoder_finetuned:
         from .data.features import FeatureCache

@@ -1,26 +1,28 @@
-"""Speed of the shipped model on this machine: latency, batched throughput, training throughput.
+"""Speed of the shipped model on this machine, torch and ONNX Runtime side by side in one run.
 
-    python benchmarks/speed.py [--model DIR] [--images FOLDER] [--runs 30] [--json]
+    python benchmarks/speed.py [--model DIR] [--images FOLDER] [--runs 30] [--count 64] [--json]
+                               [--backends torch,onnx] [--training]
 
-Prints a Markdown table (or JSON). Batched beam search is compared, in the same run, with the same
-images captioned one at a time, so the gain of batching is a measured ratio.
+Measures, per backend: one image end to end (read the file, preprocess, encode, beam search) p50/p95,
+batch-of-32 throughput, the decoder alone, a cold `aicrl caption one.jpg` process (wall) and
+`aicrl --help`. The backends are measured alternately, run by run, so a machine that is busy with
+something else slows both alike and the ratios stay fair. Prints a Markdown table (or JSON).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
 from aicrl.data.images import image_files, load_image
-from aicrl.model.captioner import Captioner
 from aicrl.devices import autocast
-from aicrl.model.decoder import caption_loss
+from aicrl.model.captioner import Captioner
 
 SAMPLES = Path(__file__).resolve().parent.parent / "tests" / "samples"
 
@@ -30,43 +32,76 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def latency(model: Captioner, paths: list[Path], runs: int, beam: int, style: str | None = None) -> dict:
-    """One image at a time, end to end: read the file, preprocess, encode, beam search."""
-    model.caption([paths[0]], beam, style=style)  # warm-up
-    times = []
+def machine() -> str:
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        name = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    isa = "AMX+AVX512-bf16" if "amx_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{name}, {os.cpu_count()} cores, {isa}, load average {load:.1f} at start"
+
+
+def latency(models: dict[str, Captioner], paths: list[Path], runs: int, beam: int) -> dict:
+    """One image at a time, end to end; the backends take turns."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for model in models.values():
+        model.caption([paths[0]], beam)  # warm-up
     for i in range(runs):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model.caption([paths[i % len(paths)]], beam)
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: {"one_image_p50_ms": statistics.median(t), "one_image_p95_ms": _percentile(t, 0.95)}
+            for name, t in times.items()}
+
+
+def throughput(models: dict[str, Captioner], images: list, beam: int, batch: int, rounds: int = 2) -> dict:
+    """Images/s in batches of `batch`, end to end and for the beam search alone (best of `rounds`)."""
+    out = {name: {"batch_img_s": 0.0, "decode_batch_img_s": 0.0} for name in models}
+    for model in models.values():
+        model.caption(images[:batch], beam)  # warm-up
+    for _ in range(rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            for i in range(0, len(images), batch):
+                model.caption(images[i:i + batch], beam)
+            out[name]["batch_img_s"] = max(out[name]["batch_img_s"], len(images) / (time.perf_counter() - t0))
+            features = model.encode(images[:batch])
+            t0 = time.perf_counter()
+            model.decode(features, beam)
+            out[name]["decode_batch_img_s"] = max(out[name]["decode_batch_img_s"], batch / (time.perf_counter() - t0))
+    return out
+
+
+def _wall(command: list[str], runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
         t0 = time.perf_counter()
-        model.caption([paths[i % len(paths)]], beam, style=style)
-        times.append((time.perf_counter() - t0) * 1000)
-    return {"median_ms": statistics.median(times), "p95_ms": _percentile(times, 0.95)}
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
-def throughput(model: Captioner, images: list, beam: int, batch: int) -> dict:
-    """Images/s batched vs one by one, end to end and for the decoder alone."""
-    model.caption(images[:batch], beam)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(images), batch):
-        model.caption(images[i:i + batch], beam)
-    batched = len(images) / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for image in images:
-        model.caption([image], beam)
-    single = len(images) / (time.perf_counter() - t0)
-    features = model.encode(images[:batch])
-    t0 = time.perf_counter()
-    model.decode(features, beam)
-    decode_batched = batch / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for i in range(batch):
-        model.decode(features[i:i + 1], beam)
-    decode_single = batch / (time.perf_counter() - t0)
-    return {"batched_img_s": batched, "one_at_a_time_img_s": single, "end_to_end_gain": batched / single,
-            "decode_batched_img_s": decode_batched, "decode_one_at_a_time_img_s": decode_single,
-            "decode_gain": decode_batched / decode_single}
+def cold_start(backends: list[str], model: str | None, photo: Path) -> dict:
+    """Wall time of a fresh `aicrl caption one.jpg` process per backend, and of `aicrl --help`."""
+    aicrl = [sys.executable, "-m", "aicrl.cli"]
+    extra = ["--model", model] if model else []
+    out = {name: {"cold_caption_s": _wall(aicrl + ["caption", str(photo), "--backend", name] + extra)}
+           for name in backends}
+    out["help_s"] = _wall(aicrl + ["--help"])
+    return out
 
 
 def training_speed(model: Captioner, batch: int = 64, length: int = 14, steps: int = 10) -> dict:
     """Captions/s of training steps (forward + backward + Adam) on cached-feature-shaped input."""
+    import torch
+
+    from aicrl.model.decoder import caption_loss
+
     decoder = model.decoder.train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=1e-4)
     features = torch.randn(batch, 49, model.config.feature_dim)
@@ -89,6 +124,13 @@ def training_speed(model: Captioner, batch: int = 64, length: int = 14, steps: i
     return result
 
 
+ROWS = [("one image end to end, p50", "one_image_p50_ms", "{:.0f} ms", "lower"),
+        ("one image end to end, p95", "one_image_p95_ms", "{:.0f} ms", "lower"),
+        ("batch of {batch}, end to end", "batch_img_s", "{:.1f} img/s", "higher"),
+        ("beam search alone, batch of {batch}", "decode_batch_img_s", "{:.1f} img/s", "higher"),
+        ("cold `aicrl caption one.jpg` (wall)", "cold_caption_s", "{:.2f} s", "lower")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the shipped model)")
@@ -97,41 +139,51 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="single-image latency runs")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-process measures")
+    parser.add_argument("--training", action="store_true", help="also measure training steps (torch)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    model = Captioner.from_pretrained(args.model)
+    backends = args.backends.split(",")
+    models = {name: Captioner.from_pretrained(args.model, backend=name) for name in backends}
     paths = image_files(args.images, recursive=False)
     images = [load_image(paths[i % len(paths)]) for i in range(args.count)]
-    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}",
-              "beam_size": args.beam_size, "batch_size": args.batch_size}
-    result |= latency(model, paths, args.runs, args.beam_size)
-    styled = model.styles[-1] if len(model.styles) > 1 else None
-    if styled:  # a styled caption decodes twice when style guidance is on (styled + factual pass)
-        result["styled"] = styled
-        result["styled_median_ms"] = latency(model, paths, args.runs, args.beam_size, styled)["median_ms"]
-    result |= throughput(model, images, args.beam_size, args.batch_size)
-    result |= training_speed(model)
+    result: dict = {"machine": machine(), "beam_size": args.beam_size, "batch_size": args.batch_size,
+                    "precision": {name: ("int8 decoder step" if m.runtime.int8 else "fp32") if m.runtime
+                                  else f"torch autocast: {m.config.precision}" for name, m in models.items()}}
+    per = {name: {} for name in backends}
+    for name, values in latency(models, paths, args.runs, args.beam_size).items():
+        per[name] |= values
+    for name, values in throughput(models, images, args.beam_size, args.batch_size).items():
+        per[name] |= values
+    if not args.no_cold:
+        cold = cold_start(backends, args.model, paths[0])
+        result["help_s"] = cold.pop("help_s")
+        for name, values in cold.items():
+            per[name] |= values
+    result["backends"] = per
+    if args.training and "torch" in models:
+        result |= training_speed(models["torch"])
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    rows = [("one image end to end, median", f"{result['median_ms']:.0f} ms"),
-            ("one image end to end, p95", f"{result['p95_ms']:.0f} ms"),
-            *([(f"one image end to end, {styled} style (guidance {model.config.style_guidance:g}), median",
-                f"{result['styled_median_ms']:.0f} ms")] if styled else []),
-            (f"batched (batch {args.batch_size}), end to end", f"{result['batched_img_s']:.1f} images/s"),
-            ("one at a time, end to end", f"{result['one_at_a_time_img_s']:.1f} images/s"),
-            ("gain of batching, end to end", f"{result['end_to_end_gain']:.2f}x"),
-            (f"beam search alone, batched ({args.batch_size})", f"{result['decode_batched_img_s']:.1f} images/s"),
-            ("beam search alone, one at a time", f"{result['decode_one_at_a_time_img_s']:.1f} images/s"),
-            ("gain of batching, beam search", f"{result['decode_gain']:.2f}x"),
-            ("training, fp32 (batch 64)", f"{result['train_fp32_captions_s']:.0f} captions/s"),
-            ("training, bf16 autocast (batch 64)", f"{result['train_bf16_captions_s']:.0f} captions/s")]
-    print(f"Machine: {result['machine']}; beam {args.beam_size}\n")
-    print("| measure | value |\n|---|---:|")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    print(f"Machine: {result['machine']}; beam {args.beam_size}; {result['precision']}\n")
+    both = "torch" in per and "onnx" in per
+    print("| measure | " + " | ".join(backends) + (" | onnx / torch |" if both else " |"))
+    print("|---|" + "---:|" * (len(backends) + both))
+    for label, key, fmt, _ in ROWS:
+        if not all(key in per[b] for b in backends):
+            continue
+        cells = [fmt.format(per[b][key]) for b in backends]
+        ratio = [f"{per['onnx'][key] / per['torch'][key]:.2f}x"] if both else []
+        print(f"| {label.format(batch=args.batch_size)} | " + " | ".join(cells + ratio) + " |")
+    if "help_s" in result:
+        print(f"| `aicrl --help` (wall) | " + " | ".join([f"{result['help_s']:.2f} s"] * len(backends))
+              + (" | |" if both else " |"))
+    for key in ("train_fp32_captions_s", "train_bf16_captions_s"):
+        if key in result:
+            print(f"| training, {key.split('_')[1]} (batch 64) | {result[key]:.0f} captions/s |")
     return 0
 
 

@@ -132,7 +132,7 @@ def test_extract_train_evaluate_caption_on(device, tiny_flickr, tiny_cache, lite
     a = on_device.decode(features, beam_size=3)
     b = on_cpu.decode(features, beam_size=3)
     assert all(abs(x[0].logprob - y[0].logprob) < 1e-2 for x, y in zip(a, b))
-    assert a[0][0].attention.device.type == "cpu"  # results come back to the CPU once
+    assert isinstance(a[0][0].attention, np.ndarray)  # results come back to the CPU, as numpy
     result = on_device.caption([SAMPLES / "coffee.jpg"], beam_size=2)[0]
     assert len(result.captions[0].attention[0]) == 49
 

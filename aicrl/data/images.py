@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SIZE = 224
@@ -113,15 +112,28 @@ def load_image(source: ImageSource, size: int = IMAGE_SIZE) -> Image.Image:
     return image
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> (3, H, W) float tensor, scaled to [0, 1] and ImageNet-normalised."""
-    array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-    tensor = array.permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (tensor - mean) / std
+_MEAN = np.array(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+_STD = np.array(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
-def preprocess(source: ImageSource, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Path, bytes or PIL image -> normalised (3, size, size) tensor ready for an encoder."""
+def to_array(image: Image.Image) -> np.ndarray:
+    """RGB PIL image -> (3, H, W) float32 array, scaled to [0, 1] and ImageNet-normalised."""
+    array = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+    return (array - _MEAN) / _STD
+
+
+def preprocess_array(source: ImageSource, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Path, bytes or PIL image -> normalised (3, size, size) float32 array (no torch needed)."""
+    return to_array(load_image(source, size))
+
+
+def to_tensor(image: Image.Image):
+    """RGB PIL image -> (3, H, W) float torch tensor (the same numbers as `to_array`)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(to_array(image)))
+
+
+def preprocess(source: ImageSource, size: int = IMAGE_SIZE):
+    """Path, bytes or PIL image -> normalised (3, size, size) torch tensor ready for an encoder."""
     return to_tensor(load_image(source, size))

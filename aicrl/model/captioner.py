@@ -6,26 +6,37 @@ A model folder (the Hugging Face `save_pretrained` shape):
     vocab.json          the vocabulary
     metrics.json        evaluation results (optional)
     COMMAND.txt         how it was made: the exact commands (optional)
+    *.onnx, onnx.json   the same model for ONNX Runtime (`aicrl export`; see aicrl/runtime.py)
+
+A Captioner runs on one of two backends with the same beam search (aicrl/decoding.py):
+- "onnx": ONNX Runtime + numpy, no torch: inference (`pip install aicrl`);
+- "torch": the torch modules: training, evaluation, export (`pip install 'aicrl[train]'`).
+This module imports torch only when the torch backend is used.
 """
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import resources, util
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
-from safetensors.torch import load_file, save_file
+import numpy as np
 
 from ..config import CaptionerConfig
-from ..data.images import ImageSource, preprocess
+from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
 from ..decoding import Hypothesis, beam_search, greedy
-from ..devices import autocast, autocast_dtype
-from .decoder import AttentionLSTMDecoder
-from .encoders import ImageEncoder, build_encoder
+
+if TYPE_CHECKING:
+    from ..runtime import OnnxModel
+    from .decoder import AttentionLSTMDecoder
+    from .encoders import ImageEncoder
+
+BACKENDS = ("auto", "onnx", "torch")
+_fallbacks_said: set[str] = set()  # model folders whose ONNX fallback was reported on stderr
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px
 
@@ -56,39 +67,108 @@ class CaptionResult:
         return {"captions": caps, "style": self.style, "timing_ms": self.timing_ms}
 
 
+def _importable(name: str) -> bool:
+    try:  # without importing it: torch alone takes seconds
+        return util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def torch_available() -> bool:
+    return _importable("torch")
+
+
+def onnxruntime_available() -> bool:
+    return _importable("onnxruntime")
+
+
 class Captioner:
-    """The whole captioning model. `Captioner.from_pretrained()` loads the shipped one."""
+    """The whole captioning model. `Captioner.from_pretrained()` loads the shipped one.
 
-    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, decoder: AttentionLSTMDecoder,
-                 encoder: ImageEncoder | None = None):
-        self.config, self.vocab, self.decoder = config, vocab, decoder.eval()
-        self.content_words = torch.tensor([w not in FUNCTION_WORDS and w not in SPECIALS for w in vocab.itos])
+    Built from torch modules (`Captioner(config, vocab, decoder, encoder)`, as training does) or from
+    an ONNX export (`runtime=OnnxModel(...)`, as `from_pretrained` does when it can)."""
+
+    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, decoder: "AttentionLSTMDecoder | None" = None,
+                 encoder: "ImageEncoder | None" = None, *, runtime: "OnnxModel | None" = None):
+        if (decoder is None) == (runtime is None):
+            raise ValueError("give either a torch decoder or an ONNX runtime")
+        self.config, self.vocab, self.runtime = config, vocab, runtime
+        self._decoder = decoder.eval() if decoder is not None else None
+        self.content_words = np.array([w not in FUNCTION_WORDS and w not in SPECIALS for w in vocab.itos])
         self._encoder = encoder
-        self.encoder_finetuned = False
-        self.device = torch.device("cpu")
+        self._encoder_finetuned = False
+        self.device = "cpu"  # where the torch modules run (ONNX Runtime runs on the CPU)
 
-    def to(self, device: str | torch.device) -> "Captioner":
-        """Move the model to a device (a torch.device, or 'cpu', 'cuda', ...); returns itself."""
-        self.device = torch.device(device)
-        self.decoder.to(self.device)
-        self.content_words = self.content_words.to(self.device)
+    def to(self, device) -> "Captioner":
+        """Move the torch modules to a device (a torch.device or 'cpu', 'cuda', ...); returns itself."""
+        import torch
+
+        device = torch.device(device)
+        if self.runtime is not None:
+            if device.type != "cpu":
+                raise ValueError(f"the ONNX backend runs on the CPU; use backend='torch' for {device}")
+            return self
+        self.device = device
+        self.decoder.to(device)
         if self._encoder is not None:
-            self._encoder.to(self.device)
+            self._encoder.to(device)
         return self
 
     @property
-    def encoder(self) -> ImageEncoder:
+    def backend(self) -> str:
+        """"onnx" (ONNX Runtime, no torch) or "torch"."""
+        return "torch" if self.runtime is None else "onnx"
+
+    @property
+    def decoder(self) -> "AttentionLSTMDecoder":
+        if self._decoder is None:
+            raise AttributeError("this Captioner runs on ONNX Runtime; load it with backend='torch' for "
+                                 "the torch modules")
+        return self._decoder
+
+    @property
+    def encoder(self) -> "ImageEncoder":
+        if self.runtime is not None:
+            raise AttributeError("this Captioner runs on ONNX Runtime; load it with backend='torch' for "
+                                 "the torch modules")
         if self._encoder is None:  # built lazily: training from cached features never needs it
+            from .encoders import build_encoder
+
             self._encoder = build_encoder(self.config.encoder).eval().to(self.device)
         return self._encoder
+
+    @property
+    def encoder_finetuned(self) -> bool:
+        if self.runtime is not None:
+            return bool(self.runtime.manifest.get("encoder_finetuned"))
+        return self._encoder_finetuned
+
+    @encoder_finetuned.setter
+    def encoder_finetuned(self, value: bool) -> None:
+        self._encoder_finetuned = value
 
     @property
     def styles(self) -> list[str]:
         return list(self.config.styles)
 
+    def parameter_counts(self) -> dict[str, int | None]:
+        """Parameters of the encoder trunk and the decoder (for the model card)."""
+        if self.runtime is not None:
+            return self.runtime.parameter_counts()
+        count = lambda m: int(sum(p.numel() for p in m.parameters()))  # noqa: E731
+        try:
+            encoder = count(self.encoder)
+        except Exception:  # noqa: BLE001  (no encoder weights here: the card shows none)
+            encoder = None
+        return {"encoder": encoder, "decoder": count(self.decoder)}
+
     # --- saving and loading ---
 
     def save_pretrained(self, path: str | Path, metrics: dict | None = None, command: str | None = None) -> None:
+        from safetensors.torch import save_file
+
+        from ..runtime import MANIFEST, ONNX_FILES
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.config.to_json(path / "config.json")
@@ -100,18 +180,62 @@ class Captioner:
                         for k, v in self.encoder.state_dict().items()
                         if v.is_floating_point() and self.encoder.in_last_stage(k)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        for name in [MANIFEST, *ONNX_FILES.values()]:  # an ONNX export of other weights is stale now
+            (path / name).unlink(missing_ok=True)
         if metrics is not None:
             (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         if command is not None:
             (path / "COMMAND.txt").write_text(command.strip() + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, encoder: ImageEncoder | None = None) -> "Captioner":
+    def from_pretrained(cls, path: str | Path | None = None, encoder: "ImageEncoder | None" = None,
+                        backend: str = "auto", threads: int | None = None, device: str = "auto") -> "Captioner":
+        """Load a model folder. `backend`: "onnx" (ONNX Runtime; the folder needs `aicrl export`),
+        "torch", or "auto": ONNX when the folder has an export and onnxruntime is installed (and no
+        torch `encoder` is given), else torch. In auto mode a broken or stale export falls back to
+        torch, said once on stderr, when torch is installed; otherwise it is an error naming the file."""
+        from ..runtime import BackendUnavailable, OnnxModel, OnnxModelError, has_export
+
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         path = Path(path) if path else default_model_dir()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
         config = CaptionerConfig.from_json(path / "config.json")
         vocab = Vocabulary.load(path / "vocab.json")
+        if backend == "auto" and device not in ("auto", "cpu"):
+            backend = "torch"  # a GPU was asked for: ONNX Runtime here runs on the CPU
+        if backend == "auto":
+            backend = "onnx" if encoder is None and has_export(path) and onnxruntime_available() else "torch"
+            if backend == "torch" and not torch_available():
+                backend = "onnx"  # the only one there is: its error says what is missing
+            elif backend == "onnx" and torch_available():
+                try:
+                    return cls(config, vocab, runtime=OnnxModel(path, config.encoder, threads))
+                except OnnxModelError as e:
+                    if str(path) not in _fallbacks_said:
+                        _fallbacks_said.add(str(path))
+                        print(f"aicrl: {e}; using torch instead", file=sys.stderr)
+                    backend = "torch"
+        if backend == "onnx":
+            if not onnxruntime_available():
+                raise BackendUnavailable("the ONNX backend needs onnxruntime: pip install onnxruntime")
+            return cls(config, vocab, runtime=OnnxModel(path, config.encoder, threads))
+        if not torch_available():
+            raise BackendUnavailable("the torch backend needs torch: pip install 'aicrl[train]'")
+        from ..devices import resolve_device
+
+        if backend == "onnx" and device not in ("auto", "cpu"):
+            raise ValueError(f"the ONNX backend runs on the CPU; use --backend torch for --device {device}")
+        return cls._from_pretrained_torch(path, config, vocab, encoder).to(resolve_device(device))
+
+    @classmethod
+    def _from_pretrained_torch(cls, path: Path, config: CaptionerConfig, vocab: Vocabulary,
+                               encoder: "ImageEncoder | None") -> "Captioner":
+        from safetensors.torch import load_file
+
+        from .decoder import AttentionLSTMDecoder
+
         tensors = load_file(str(path / "model.safetensors"))
         decoder = AttentionLSTMDecoder(config)
         decoder.load_state_dict({k: v.float() for k, v in tensors.items() if not k.startswith("encoder.")})
@@ -124,41 +248,53 @@ class Captioner:
 
     # --- inference ---
 
-    def style_ids(self, style: str | None, n: int) -> torch.Tensor | None:
+    def style_ids(self, style: str | None, n: int) -> np.ndarray | None:
         if style in (None, "", self.styles[0]) and len(self.styles) == 1:
             return None
         style = style or self.styles[0]
         if style not in self.styles:
             raise ValueError(f"unknown style {style!r}; this model knows {self.styles}")
-        return torch.full((n,), self.styles.index(style), dtype=torch.long, device=self.device)
+        return np.full(n, self.styles.index(style), dtype=np.int64)
 
-    @torch.inference_mode()
-    def encode(self, images: Sequence[ImageSource]) -> torch.Tensor:
-        """Images -> (B, regions, dim) grids, with the same precision as the training cache."""
-        batch = torch.stack([preprocess(img) for img in images]).to(self.device)
-        with autocast(self.device, autocast_dtype(self.config.precision, self.device)):
-            return self.encoder(batch.contiguous(memory_format=torch.channels_last)).float()
+    def steps(self):
+        """The decoder as a `decoding.StepDecoder` for this backend."""
+        if self.runtime is not None:
+            return self.runtime.steps
+        from ..devices import autocast_dtype
+        from .torch_steps import TorchSteps
 
-    def decode(self, features: torch.Tensor, beam_size: int = 3, n_best: int = 1,
-               style: str | None = None, max_length: int | None = None,
-               guidance: float | None = None) -> list[list[Hypothesis]]:
-        features = features.to(self.device)
-        styles = self.style_ids(style, features.size(0))
+        # Decoding a few beams reads every weight at every step: bf16 halves that traffic
+        # (1.6x faster for one image on AVX512 CPUs); scores are still accumulated in fp32.
+        return TorchSteps(self.decoder, autocast_dtype(self.config.precision, self.device))
+
+    def encode(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """Images -> (B, regions, dim) float32 grids (torch: with the same precision as the training cache)."""
+        batch = np.stack([preprocess_array(img) for img in images])
+        if self.runtime is not None:
+            return self.runtime.encode(batch)
+        import torch
+
+        from ..devices import autocast, autocast_dtype
+
+        batch = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(self.device, autocast_dtype(self.config.precision, self.device)):
+            return self.encoder(batch).float().cpu().numpy()
+
+    def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
+               max_length: int | None = None, guidance: float | None = None) -> list[list[Hypothesis]]:
+        """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch."""
+        n = len(features)
+        styles = self.style_ids(style, n)
         max_length = max_length or self.config.max_length
         guidance = self.config.style_guidance if guidance is None else guidance
         # A styled caption is contrasted with the default (factual) one; see decoding._word_logprobs.
-        base = None if styles is None or style in (None, "", self.styles[0]) else torch.zeros_like(styles)
+        base = None if styles is None or style in (None, "", self.styles[0]) else np.zeros_like(styles)
         content = self.content_words if self.config.block_repeats else None
-        v = self.vocab
-        # Decoding a few beams reads every weight at every step: bf16 halves that traffic
-        # (1.6x faster for one image here); scores are still accumulated in fp32.
-        with autocast(self.device, autocast_dtype(self.config.precision, self.device)):
-            if beam_size == 1:
-                return [[h] for h in greedy(self.decoder, features, v.start, v.end, max_length, styles,
-                                            base, guidance, content)]
-            return beam_search(self.decoder, features, v.start, v.end, beam_size, n_best, max_length,
-                               styles, self.config.length_penalty, base, guidance, content)
-
+        v, steps = self.vocab, self.steps()
+        if beam_size == 1:
+            return [[h] for h in greedy(steps, features, v.start, v.end, max_length, styles, base, guidance, content)]
+        return beam_search(steps, features, v.start, v.end, beam_size, n_best, max_length, styles,
+                           self.config.length_penalty, base, guidance, content)
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None) -> list[CaptionResult]:
         """Caption a batch of images (paths, bytes or PIL images). Raises ImageLoadError on a bad one."""

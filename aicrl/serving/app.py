@@ -2,9 +2,11 @@
 
     create_app(model_dir=None, db_path="data/gallery.db", captioner=None, ...) -> FastAPI
 
-The model is loaded once, when the app is created. Inference runs off the event loop, in one worker
-thread: at most one request is captioned at a time and at most `max_waiting` wait for their turn;
-beyond that the server answers 503 at once instead of queueing without bound (and memory with it).
+The model is loaded once, when the app is created (ONNX Runtime when the model folder has an export,
+else torch). Inference runs off the event loop, in one worker thread that captions concurrent
+requests together, up to `max_batch` per model call (micro-batching, aicrl/serving/batching.py); at
+most `max_waiting` wait for the next batch, beyond that the server answers 503 at once instead of
+queueing without bound (and memory with it).
 Uploads are size-limited while they are read (`UploadLimitMiddleware`), images over
 `MAX_PIXELS` are refused before they are decoded, and every bad input is a 4xx JSON error
 `{"detail": "..."}` with nothing stored.
@@ -28,13 +30,12 @@ import logging
 import statistics
 import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict, deque
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -48,6 +49,7 @@ from pydantic import BaseModel, Field
 from ..data.images import MAX_PIXELS, ImageLoadError, ImageTooLargeError
 from ..evaluation import sentence_bleu
 from ..model.captioner import GRID
+from .batching import MicroBatcher, ServerBusy
 from .gallery import ID_PATTERN, Gallery, open_image, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -90,38 +92,6 @@ STYLE_LIMITATION = ("The styles other than factual were learnt from FlickrStyle7
 
 
 ImageId = Annotated[str, PathParam(pattern=ID_PATTERN, description="gallery id: 32 hex digits")]
-
-
-class ServerBusy(Exception):
-    """More requests than the inference queue holds."""
-
-
-class InferenceRunner:
-    """One worker thread for the model, with a bounded number of requests waiting for it."""
-
-    def __init__(self, max_waiting: int = 4):
-        self.capacity = max_waiting + 1  # one running + max_waiting queued
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aicrl-inference")
-        self._lock = threading.Lock()
-        self._in_flight = 0
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
-            if self._in_flight >= self.capacity:
-                raise ServerBusy()
-            self._in_flight += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-
-    def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class LatencyStats:
@@ -244,10 +214,6 @@ def _bleu(candidate: str, refs: list[str]) -> dict[str, float]:
         raise HTTPException(422, f"references: {e}") from e
 
 
-def _count_parameters(module) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
-
-
 def model_card(captioner, model_dir: Path | None) -> dict:
     """What the Info tab shows, from the model's config, metrics.json and COMMAND.txt."""
     cfg = captioner.config
@@ -264,16 +230,16 @@ def model_card(captioner, model_dir: Path | None) -> dict:
         if command_file.is_file():
             command = command_file.read_text().strip()[:4000]
     styles = list(captioner.styles)
-    decoder_params = _count_parameters(captioner.decoder)
     try:
-        encoder_params = _count_parameters(captioner.encoder)
+        params = captioner.parameter_counts()
     except Exception:  # noqa: BLE001  (a stand-in captioner in tests)
-        encoder_params = None
+        params = {}
     training = ("Flickr8k (8,000 photos, 5 captions each; 6,000 for training)"
                 + ("; styles from FlickrStyle7k (humorous and romantic captions)" if len(styles) > 1 else ""))
     return {
         "name": "AICRL image captioner",
         "version": _version,
+        "backend": getattr(captioner, "backend", "torch"),
         "model": model_dir.name if model_dir else None,
         "architecture": {
             "summary": "CNN encoder (ImageNet-pretrained) + LSTM decoder with soft attention over a "
@@ -281,10 +247,10 @@ def model_card(captioner, model_dir: Path | None) -> dict:
             "encoder": cfg.encoder,
             "encoder_features": f"{GRID}x{GRID}x{cfg.feature_dim}",
             "encoder_fine_tuned": bool(getattr(captioner, "encoder_finetuned", False)),
-            "encoder_parameters": encoder_params,
+            "encoder_parameters": params.get("encoder"),
             "decoder": f"attention LSTM: embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}, "
                        f"attention {cfg.attention_dim}, deep output layer, gated context",
-            "decoder_parameters": decoder_params,
+            "decoder_parameters": params.get("decoder"),
             "vocabulary": len(captioner.vocab) if hasattr(captioner, "vocab") else cfg.vocab_size,
             "max_caption_words": cfg.max_length,
         },
@@ -310,20 +276,20 @@ def _clean_validation_errors(errors: list[dict]) -> tuple[str, list[dict]]:
 
 
 def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/gallery.db",
-               captioner=None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_waiting: int = 4,
-               warmup: bool = False, device: str = "auto") -> FastAPI:
+               captioner=None, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_waiting: int = 16,
+               warmup: bool = False, backend: str = "auto", max_batch: int = 16,
+               batch_wait_ms: float = 5.0, device: str = "auto") -> FastAPI:
     """Build the app. `captioner` (already loaded) wins over `model_dir`; with neither, the shipped
-    model is loaded. `warmup` runs the model on a synthetic image at start (the first real request
-    is then as fast as the next ones, and the Info tab has a latency from the start). `device`
-    places a model loaded here (see devices.resolve_device)."""
-    from ..devices import resolve_device
+    model is loaded on `backend` (auto: ONNX Runtime when the folder has an export). `warmup` runs
+    the model on a synthetic image at start (the first real request is then as fast as the next ones,
+    and the Info tab has a latency from the start). Up to `max_batch` concurrent requests are
+    captioned in one model call, gathered for at most `batch_wait_ms`. `device` places a torch model (see devices.resolve_device)."""
     from ..model.captioner import Captioner, default_model_dir
 
     model_dir = Path(model_dir) if model_dir else (None if captioner is not None else default_model_dir())
     if captioner is None:
-        captioner = Captioner.from_pretrained(model_dir).to(resolve_device(device))
+        captioner = Captioner.from_pretrained(model_dir, backend=backend, device=device)
     gallery = Gallery(db_path)
-    runner = InferenceRunner(max_waiting)
     stats = LatencyStats()
     card = model_card(captioner, model_dir)
     index_html = (STATIC_DIR / "index.html").read_bytes()
@@ -331,20 +297,52 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
     def caption_image(data: bytes, beam_size: int, n_best: int, style: str, store: bool,
                       measure: bool = True) -> dict:
         """Runs in the worker thread: validate, caption, store."""
-        image = open_image(data)  # raises ImageLoadError before anything is stored
-        # Caption from the bytes, as `aicrl caption` does (JPEG draft decoding straight to 224 px), so
-        # the web page and the command line give the same caption for the same file.
-        result = captioner.caption([data], beam_size=beam_size, n_best=n_best, style=style)[0]
+        return caption_batch([(data, beam_size, n_best, style, store, measure)])[0]
+
+    def caption_batch(jobs: list[tuple]) -> list:
+        """Runs in the worker thread: a dict per job (data, beam_size, n_best, style, store, measure),
+        or the ImageLoadError of its image. Jobs with the same beam size and style share one call."""
+        out: list = [None] * len(jobs)
+        images, groups = {}, defaultdict(list)
+        for i, (data, beam_size, _, style, _, _) in enumerate(jobs):
+            try:
+                images[i] = open_image(data)  # raises ImageLoadError before anything is stored
+                groups[beam_size, style].append(i)
+            except ImageLoadError as e:
+                out[i] = e
+        for (beam_size, style), members in groups.items():
+            n_best = max(jobs[i][2] for i in members)
+            # Caption from the bytes, as `aicrl caption` does (JPEG draft decoding straight to 224 px),
+            # so the web page and the command line give the same caption for the same file.
+            try:
+                results = captioner.caption([jobs[i][0] for i in members], beam_size=beam_size,
+                                            n_best=n_best, style=style)
+            except ImageLoadError:  # one bad image must not fail its companions: one by one
+                results = []
+                for i in members:
+                    try:
+                        results.append(captioner.caption([jobs[i][0]], beam_size=beam_size, n_best=n_best,
+                                                         style=style)[0])
+                    except ImageLoadError as e:
+                        results.append(e)
+            for i, result in zip(members, results):
+                out[i] = result if isinstance(result, Exception) else _finish(jobs[i], images[i], result)
+        return out
+
+    def _finish(job: tuple, image, result) -> dict:
+        data, _, n_best, _, store, measure = job
         timing = dict(result.timing_ms)
         timing["model"] = round(timing.get("encode", 0.0) + timing.get("decode", 0.0), 1)
         if measure:
             stats.add(timing)
-        captions = [{"text": c.text, "score": round(float(c.score), 4)} for c in result.captions]
+        captions = [{"text": c.text, "score": round(float(c.score), 4)} for c in result.captions[:n_best]]
         record = gallery.add(image, captions, result.style, sha256_bytes(data)) if store else None
         best = result.captions[0]
         return {"record": record, "captions": captions, "style": result.style, "timing": timing,
                 "attention": {"words": list(best.words), "weights": [list(r) for r in best.attention],
                               "grid": GRID}}
+
+    runner = MicroBatcher(caption_batch, max_batch=max_batch, max_wait_ms=batch_wait_ms, max_waiting=max_waiting)
 
     if warmup:
         buf = io.BytesIO()
@@ -382,9 +380,11 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
 
     @app.get("/api/info", tags=["meta"], summary="Model card: architecture, styles, metrics, latency, limits")
     async def info() -> dict:
-        return card | {"latency": stats.summary(), "gallery_images": gallery.count(),
+        return card | {"latency": stats.summary() | {"batches": runner.batches, "largest_batch": runner.largest_batch},
+                       "gallery_images": gallery.count(),
                        "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
-                                  "max_beam_size": MAX_BEAM, "max_references": MAX_REFERENCES}}
+                                  "max_beam_size": MAX_BEAM, "max_references": MAX_REFERENCES,
+                                  "max_batch": max_batch, "max_waiting": max_waiting}}
 
     @app.post("/api/captions", tags=["captions"], summary="Caption an image (and keep it in the gallery)",
               responses={400: {"description": "not a readable image"}, 413: {"description": "too large"},
@@ -419,7 +419,7 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         if not data:
             raise HTTPException(400, "The uploaded file is empty.")
         try:
-            out = await runner.run(caption_image, data, beam_size, n_best, style, True)
+            out = await runner.submit((data, beam_size, n_best, style, True, True))
         except ServerBusy:
             return _error(503, "The server is busy captioning other images; try again in a few seconds.",
                           {"retry-after": "5"})

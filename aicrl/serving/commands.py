@@ -16,6 +16,11 @@ DEFAULT_DB = "data/gallery.db"
 MAX_FILE_BYTES = 100 * 1024 * 1024  # `aicrl index` skips bigger files instead of reading them
 
 
+def add_backend(p, default: str = "auto") -> None:
+    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=default,
+                   help="run the model on ONNX Runtime (fast, no torch; needs the model's `aicrl export` "
+                        "files) or on torch; auto: ONNX when the model folder has them" + f" (default {default})")
+
 
 def add_serve(sub) -> None:
     p = sub.add_parser(
@@ -31,10 +36,13 @@ def add_serve(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
                    help=f"gallery database; images go in an 'images' folder beside it (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
-    p.add_argument("--max-waiting", type=int, default=4, metavar="N",
-                   help="requests that may wait while one image is captioned; more get HTTP 503 (default 4)")
+    p.add_argument("--max-waiting", type=int, default=16, metavar="N",
+                   help="requests that may wait while a batch is captioned; more get HTTP 503 (default 16)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip captioning a test image at start (faster start, slower first request)")
+    p.add_argument("--max-batch", type=int, default=16, metavar="N",
+                   help="caption up to N concurrent requests together in one batch (default 16; 1: one at a time)")
+    add_backend(p)
     add_device_option(p)
     p.set_defaults(func=cmd_serve)
 
@@ -46,10 +54,14 @@ def cmd_serve(args) -> int:
 
     try:
         app = create_app(model_dir=args.model, db_path=args.db, max_waiting=args.max_waiting,
-                         warmup=not args.no_warmup, device=args.device)
+                         warmup=not args.no_warmup, backend=args.backend, max_batch=args.max_batch,
+                         device=args.device)
     except FileNotFoundError as e:
         print(f"aicrl serve: cannot load the model: {e}. Pass --model DIR with a trained model folder.",
               file=sys.stderr)
+        return 2
+    except ImportError as e:  # e.g. --backend torch without torch installed
+        print(f"aicrl serve: cannot load the model: {e}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s: anyone who can reach this address can caption images and see the "
@@ -73,13 +85,15 @@ def add_index(sub) -> None:
     p.add_argument("--recursive", "-r", action="store_true", help="also index images in subfolders")
     p.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
     p.add_argument("--style", help="caption style (default: the model's first, factual)")
+    add_backend(p)
     add_device_option(p)
     p.set_defaults(func=cmd_index)
 
 
 def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner=None,
                  model_dir: str | Path | None = None, recursive: bool = False, beam_size: int = 3,
-                 style: str | None = None, progress: bool = True, device: str = "auto") -> dict:
+                 style: str | None = None, progress: bool = True, backend: str = "auto",
+                 device: str = "auto") -> dict:
     """Caption the images of `folder` into the gallery at `db_path`; returns a summary dict."""
     from tqdm import tqdm
 
@@ -90,10 +104,9 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder")
     if captioner is None:
-        from ..devices import resolve_device
         from ..model.captioner import Captioner
 
-        captioner = Captioner.from_pretrained(model_dir).to(resolve_device(device))
+        captioner = Captioner.from_pretrained(model_dir, backend=backend, device=device)
     style = style or captioner.styles[0]
     if style not in captioner.styles:
         raise ValueError(f"unknown style {style!r}; this model knows {captioner.styles}")
@@ -136,7 +149,8 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
 def cmd_index(args) -> int:
     try:
         summary = index_folder(args.folder, args.db, model_dir=args.model, recursive=args.recursive,
-                               beam_size=args.beam_size, style=args.style, device=args.device)
+                               beam_size=args.beam_size, style=args.style, backend=args.backend,
+                               device=args.device)
     except (NotADirectoryError, FileNotFoundError, ValueError) as e:
         print(f"aicrl index: {e}", file=sys.stderr)
         return 2

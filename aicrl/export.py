@@ -1,0 +1,180 @@
+"""`aicrl export`: write a model folder's ONNX files (see aicrl/runtime.py for what they hold).
+
+    export_onnx(model_dir, int8=False) -> manifest dict
+
+The three graphs come from the torch modules as they are: the encoder with its fine-tuned layers
+(if any), `AttentionLSTMDecoder.start()` and `AttentionLSTMDecoder.step()`. Weights are stored
+as fp16 (the decoder's are fp16 in model.safetensors already, so that is lossless) and cast to fp32
+once when ONNX Runtime loads them; with `int8` the decoder step's matrix products are quantized
+dynamically (int8 weights, activations quantized per call). Every graph is checked against torch
+on the same inputs before the manifest is written; the manifest records the SHA-256 of
+model.safetensors, so a later change of weights makes the export stale (`runtime.check_export`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .runtime import MANIFEST, ONNX_FILES, WEIGHTS, OnnxModel, file_sha256
+
+
+OPSET = 17
+FP16_MIN_ELEMENTS = 1024  # smaller tensors (biases, norms) stay fp32: no size to win
+
+
+class _Encoder(nn.Module):
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
+class _Start(nn.Module):
+    def __init__(self, decoder: nn.Module, styled: bool):
+        super().__init__()
+        self.decoder, self.styled = decoder, styled
+
+    def forward(self, features: torch.Tensor, styles: torch.Tensor | None = None):
+        feats, projected, style, (h, c) = self.decoder.start(features, styles if self.styled else None)
+        return (feats, projected, h, c) + ((style,) if self.styled else ())
+
+
+class _Step(nn.Module):
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, words, h, c, features, projected, style=None):
+        logits, (h, c), alpha = self.decoder.step(words, (h, c), features, projected, style)
+        return logits, h, c, alpha
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
+    module.eval()
+    with warnings.catch_warnings():  # the TorchScript exporter: deprecated, but exact and quick here
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
+                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+                          do_constant_folding=True)
+    module.eval()  # the exporter puts back the mode it found, which was train() for a fresh wrapper
+
+
+def _store_fp16(path: Path) -> None:
+    """Float weights -> fp16 initializers, each cast back to fp32 by a Cast node that ONNX Runtime
+    folds when it loads the graph: half the file, fp32 arithmetic."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    kept, casts = [], []
+    for init in graph.initializer:
+        if init.data_type == TensorProto.FLOAT and int(np.prod(init.dims)) >= FP16_MIN_ELEMENTS:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + "__fp16")
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = casts + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+
+
+def _quantize_int8(path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(str(path), str(out), op_types_to_quantize=["MatMul", "Gemm"],
+                         weight_type=QuantType.QInt8, per_channel=True)
+        os.replace(out, path)
+
+
+def _max_diff(a: list[np.ndarray], b: list[torch.Tensor]) -> float:
+    return max(float(np.abs(x - y.detach().float().numpy()).max()) for x, y in zip(a, b))
+
+
+def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command: str | None = None) -> dict:
+    """Export the model folder `model_dir` (default: the shipped model) into ONNX files beside its
+    weights; returns the manifest (also written as onnx.json)."""
+    from .model.captioner import Captioner, default_model_dir
+
+    model_dir = Path(model_dir) if model_dir else default_model_dir()
+    started = time.perf_counter()
+    model = Captioner.from_pretrained(model_dir, backend="torch")
+    cfg, decoder, encoder = model.config, model.decoder.float().eval(), model.encoder.float().eval()
+    styled = decoder.style_embed is not None
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 224, 224)
+    features = encoder(images).detach()
+    styles = torch.tensor([0, len(cfg.styles) - 1])
+    start_inputs = ["features"] + (["styles"] if styled else [])
+    start_outputs = ["features_norm", "projected", "h", "c"] + (["style"] if styled else [])
+    step_inputs = ["words", "h", "c", "features", "projected"] + (["style"] if styled else [])
+
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
+        tmp = Path(tmp)
+        _export(_Encoder(encoder), (images,), tmp / ONNX_FILES["encoder"], ["images"], ["features"])
+        start = _Start(decoder, styled)
+        start_args = (features, styles) if styled else (features,)
+        _export(start, start_args, tmp / ONNX_FILES["start"], start_inputs, start_outputs)
+        with torch.no_grad():
+            start_out = start(*start_args)
+        feats, projected, h, c = start_out[:4]
+        style = start_out[4] if styled else None
+        words = torch.tensor([model.vocab.start, 4])
+        step_args = (words, h, c, feats, projected) + ((style,) if styled else ())
+        _export(_Step(decoder), step_args, tmp / ONNX_FILES["step"], step_inputs, ["logits", "h_out", "c_out", "alpha"])
+        for key in ONNX_FILES:
+            if int8 and key == "step":
+                _quantize_int8(tmp / ONNX_FILES[key])
+            _store_fp16(tmp / ONNX_FILES[key])
+        weights = model_dir / WEIGHTS
+        manifest = {
+            "format": 1,
+            "weights_sha256": file_sha256(weights),
+            "encoder": cfg.encoder,
+            "encoder_finetuned": model.encoder_finetuned,
+            "int8": int8,
+            "opset": OPSET,
+            "torch": torch.__version__,
+            "parameters": {"encoder": int(sum(p.numel() for p in encoder.parameters())),
+                           "decoder": int(sum(p.numel() for p in decoder.parameters()))},
+            "files": {name: file_sha256(tmp / name) for name in ONNX_FILES.values()},
+            "command": command or f"aicrl export --model {model_dir}" + (" --int8" if int8 else ""),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        # Check the ONNX graphs against torch on the same inputs before they replace anything.
+        onnx_model = OnnxModel(tmp, cfg.encoder)
+        with torch.no_grad():
+            step_ref = _Step(decoder)(*step_args)
+        feed = {n: a.numpy() for n, a in zip(step_inputs, step_args)}
+        state = onnx_model.steps.start(features.numpy(), styles.numpy() if styled else None)
+        checks = {
+            "encoder_max_abs_diff": _max_diff([onnx_model.encode(images.numpy())], [features]),
+            "start_max_abs_diff": max(float(np.abs(state[k.replace("_norm", "")] - v.numpy()).max())
+                                      for k, v in zip(start_outputs, start_out)),
+            "step_logits_max_abs_diff": _max_diff(onnx_model.sessions["step"].run(None, feed)[:1], step_ref[:1]),
+        }
+        del onnx_model
+        manifest["checks"] = {k: round(v, 6) for k, v in checks.items()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (model_dir / MANIFEST).unlink(missing_ok=True)  # no valid export while files are replaced
+        for name in [*ONNX_FILES.values(), MANIFEST]:  # the manifest last: it makes the export valid
+            os.replace(tmp / name, model_dir / name)
+    manifest["seconds"] = round(time.perf_counter() - started, 1)
+    manifest["bytes"] = {name: (model_dir / name).stat().st_size for name in ONNX_FILES.values()}
+    return manifest

@@ -1,0 +1,47 @@
+"""The torch decoder as a `decoding.StepDecoder`: the search runs on numpy, the steps in torch
+(training's dev evaluation, `aicrl evaluate --backend torch`, and `aicrl export`'s reference)."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .decoder import AttentionLSTMDecoder
+
+
+class TorchSteps:
+    """State: (features, projected, style, h, c) torch tensors, one row per beam. `dtype` is the
+    autocast type of the steps (bf16 halves the weight traffic of a few beams; scores stay fp32)."""
+
+    def __init__(self, decoder: AttentionLSTMDecoder, dtype: torch.dtype | None = None):
+        self.decoder, self.dtype = decoder.eval(), dtype
+
+    def _autocast(self):
+        device = next(self.decoder.parameters()).device
+        return torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext()
+
+    @torch.inference_mode()
+    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1):
+        device = next(self.decoder.parameters()).device
+        feats = torch.as_tensor(features, device=device)
+        ids = None if styles is None else torch.as_tensor(styles, dtype=torch.long, device=device)
+        with self._autocast():
+            feats, projected, style, (h, c) = self.decoder.start(feats, ids)
+        return tuple(x if x is None or repeat == 1 else x.repeat_interleave(repeat, 0)
+                     for x in (feats, projected, style, h, c))
+
+    @torch.inference_mode()
+    def step(self, words: np.ndarray, state):
+        feats, projected, style, h, c = state
+        words = torch.as_tensor(words, dtype=torch.long, device=feats.device)
+        with self._autocast():
+            logits, (h, c), alpha = self.decoder.step(words, (h, c), feats, projected, style)
+        return (logits.float().cpu().numpy(), (feats, projected, style, h, c), alpha.float().cpu().numpy())
+
+    def reorder(self, state, rows: np.ndarray):
+        # Beams move only within their image, so the image context (features, projection, style)
+        # is the same for every row of an image: only the recurrent state is gathered.
+        feats, projected, style, h, c = state
+        index = torch.as_tensor(rows, device=h.device)
+        return feats, projected, style, h[index], c[index]

@@ -1,0 +1,140 @@
+"""The model on ONNX Runtime: encoder and decoder steps with no torch (onnxruntime + numpy).
+
+`aicrl export` (aicrl/export.py) writes these files into a model folder:
+    encoder.onnx         images (B, 3, 224, 224) -> grid features (B, 49, F)
+    decoder_start.onnx   features (B, R, F), styles (B,) -> normalised features, their attention
+                         projection, style vector, initial LSTM state (h, c)
+    decoder_step.onnx    one word for N rows: words, h, c, features, projection, style
+                         -> logits (N, V), h, c, attention (N, R)
+    onnx.json            the export's manifest: the SHA-256 of the model.safetensors it was made from
+                         (a changed model makes the export stale), file hashes, int8 or not, checks
+`OnnxSteps` is the `decoding.StepDecoder` over the two decoder graphs, so ONNX Runtime and torch
+share one beam search.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ONNX_FILES = {"encoder": "encoder.onnx", "start": "decoder_start.onnx", "step": "decoder_step.onnx"}
+MANIFEST = "onnx.json"
+WEIGHTS = "model.safetensors"
+
+
+class OnnxModelError(RuntimeError):
+    """A model folder's ONNX export is missing, unreadable or stale."""
+
+
+class BackendUnavailable(ImportError):
+    """The chosen backend's packages are not installed (torch, or onnxruntime)."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def has_export(model_dir: str | Path) -> bool:
+    """True when the folder has ONNX files (whether they are usable is for `check_export`)."""
+    model_dir = Path(model_dir)
+    return (model_dir / MANIFEST).exists() or any((model_dir / f).exists() for f in ONNX_FILES.values())
+
+
+def check_export(model_dir: str | Path, encoder: str | None = None) -> dict:
+    """The manifest of a complete export that matches the folder's weights; OnnxModelError naming
+    the file otherwise."""
+    model_dir = Path(model_dir)
+    manifest_file = model_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except FileNotFoundError:
+        raise OnnxModelError(f"{manifest_file}: missing; run `aicrl export --model {model_dir}`") from None
+    except (OSError, ValueError) as e:
+        raise OnnxModelError(f"{manifest_file}: unreadable ({e}); run `aicrl export --model {model_dir}`") from e
+    for name in ONNX_FILES.values():
+        if not (model_dir / name).is_file():
+            raise OnnxModelError(f"{model_dir / name}: missing; run `aicrl export --model {model_dir}`")
+    weights = model_dir / WEIGHTS
+    if weights.is_file() and manifest.get("weights_sha256") != file_sha256(weights):
+        raise OnnxModelError(f"{manifest_file}: stale, exported from other weights than {weights}; "
+                             f"run `aicrl export --model {model_dir}`")
+    if encoder and manifest.get("encoder") != encoder:
+        raise OnnxModelError(f"{manifest_file}: exported for encoder {manifest.get('encoder')!r}, the model "
+                             f"uses {encoder!r}; run `aicrl export --model {model_dir}`")
+    return manifest
+
+
+def _session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise OnnxModelError(f"{path}: cannot be loaded by ONNX Runtime ({str(e).strip()[:300]}); "
+                             f"run `aicrl export --model {path.parent}`") from e
+
+
+class OnnxSteps:
+    """`decoding.StepDecoder` over decoder_start.onnx and decoder_step.onnx. State: a dict of arrays
+    (features, projected, style: the image context, one row per beam; h, c: the LSTM state)."""
+
+    def __init__(self, start_session, step_session):
+        self.start_session, self.step_session = start_session, step_session
+        self._start_inputs = {i.name for i in start_session.get_inputs()}
+        self._start_outputs = [o.name for o in start_session.get_outputs()]
+        self._step_inputs = [i.name for i in step_session.get_inputs()]
+
+    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1) -> dict:
+        feed = {"features": np.ascontiguousarray(features, dtype=np.float32)}
+        if "styles" in self._start_inputs:  # models with one style have no style input
+            feed["styles"] = (np.zeros(len(features), dtype=np.int64) if styles is None
+                              else np.asarray(styles, dtype=np.int64))
+        out = dict(zip(self._start_outputs, self.start_session.run(None, feed)))
+        out["features"] = out.pop("features_norm")  # a graph output cannot reuse its input's name
+        if repeat > 1:
+            out = {k: np.repeat(v, repeat, 0) for k, v in out.items()}
+        return out
+
+    def step(self, words: np.ndarray, state: dict) -> tuple[np.ndarray, dict, np.ndarray]:
+        feed = {"words": np.asarray(words, dtype=np.int64)} | {k: state[k] for k in self._step_inputs if k != "words"}
+        logits, h, c, alpha = self.step_session.run(None, feed)
+        return logits, state | {"h": h, "c": c}, alpha
+
+    def reorder(self, state: dict, rows: np.ndarray) -> dict:
+        # Beams move only within their image: its context rows are all the same, only h and c move.
+        return state | {"h": state["h"][rows], "c": state["c"][rows]}
+
+
+class OnnxModel:
+    """The three ONNX graphs of a model folder, loaded once. `threads`: ONNX Runtime's intra-op
+    threads (default: one per physical core)."""
+
+    backend = "onnx"
+
+    def __init__(self, model_dir: str | Path, encoder: str | None = None, threads: int | None = None):
+        self.model_dir = Path(model_dir)
+        self.manifest = check_export(self.model_dir, encoder)
+        self.sessions = {k: _session(self.model_dir / f, threads) for k, f in ONNX_FILES.items()}
+        self.steps = OnnxSteps(self.sessions["start"], self.sessions["step"])
+
+    @property
+    def int8(self) -> bool:
+        return bool(self.manifest.get("int8"))
+
+    def encode(self, batch: np.ndarray) -> np.ndarray:
+        """(B, 3, 224, 224) normalised images -> (B, regions, dim) float32 grids."""
+        return self.sessions["encoder"].run(None, {"images": np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def parameter_counts(self) -> dict[str, Any]:
+        return dict(self.manifest.get("parameters", {}))
