@@ -27,8 +27,10 @@ from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
 from ..decoding import Hypothesis, beam_search, greedy
 from .decoder import AttentionLSTMDecoder
 from .encoders import ImageEncoder, build_encoder
+from .tags import classifier_head, tags_from_features
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px
+MAX_BEAM_SIZE = 10  # the one beam limit of the page, the API and the command line
 
 
 def default_model_dir() -> Path:
@@ -44,17 +46,23 @@ class Caption:
     words: list[str]
     attention: list[list[float]]  # one row of GRID*GRID weights per word
 
+    def to_dict(self, logprob: bool = False) -> dict:
+        """The caption as the API, the gallery and `aicrl caption --json` give it."""
+        return {"text": self.text, "score": round(float(self.score), 4)} | (
+            {"logprob": round(float(self.logprob), 4)} if logprob else {})
+
 
 @dataclass
 class CaptionResult:
     captions: list[Caption]  # best first
     style: str
     timing_ms: dict[str, float] = field(default_factory=dict)
+    tags: list[dict] = field(default_factory=list)  # ImageNet labels, see model/tags.py
 
     def to_dict(self, attention: bool = False) -> dict:
-        caps = [{"text": c.text, "score": round(c.score, 4), "logprob": round(c.logprob, 4)}
-                | ({"words": c.words, "attention": c.attention} if attention else {}) for c in self.captions]
-        return {"captions": caps, "style": self.style, "timing_ms": self.timing_ms}
+        caps = [c.to_dict(logprob=True) | ({"words": c.words, "attention": c.attention} if attention else {})
+                for c in self.captions]
+        return {"captions": caps, "style": self.style, "tags": self.tags, "timing_ms": self.timing_ms}
 
 
 class Captioner:
@@ -153,10 +161,12 @@ class Captioner:
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None) -> list[CaptionResult]:
         """Caption a batch of images (paths, bytes or PIL images). Raises ImageLoadError on a bad one."""
-        if not 1 <= beam_size <= 20:
-            raise ValueError("beam_size must be between 1 and 20")
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
         t0 = time.perf_counter()
         features = self.encode(images)
+        head = classifier_head(self.encoder)  # the tags come from the same features
+        tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
         t1 = time.perf_counter()
         hyps = self.decode(features, beam_size, n_best, style, max_length)
         t2 = time.perf_counter()
@@ -164,9 +174,9 @@ class Captioner:
                   "decode": round((t2 - t1) * 1000 / len(images), 1)}
         style = style or self.styles[0]
         results = []
-        for image_hyps in hyps:
+        for image_hyps, image_tags in zip(hyps, tags):
             captions = [Caption(self.vocab.decode(h.tokens), h.score, h.logprob, [self.vocab.itos[t] for t in h.tokens],
                                 [[round(float(a), 4) for a in row] for row in h.attention])
                         for h in image_hyps]
-            results.append(CaptionResult(captions, style, dict(timing)))
+            results.append(CaptionResult(captions, style, dict(timing), image_tags))
         return results

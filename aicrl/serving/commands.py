@@ -61,8 +61,9 @@ def add_index(sub) -> None:
     p = sub.add_parser(
         "index", help="caption every image of a folder into the gallery",
         description="Caption every image file of FOLDER (.jpg .jpeg .png .gif .webp .bmp .tif .tiff) and "
-        "store it in the gallery that `aicrl serve` searches. Files already in the gallery (same "
-        "content, by SHA-256) are skipped, so rerunning only adds new photos. Unreadable files are "
+        "store it in the gallery that `aicrl serve` searches, with its ImageNet tags. Files already in "
+        "the gallery with captions in this style (same content, by SHA-256) are skipped, so rerunning only "
+        "adds new photos; another --style adds that style's captions to the same gallery items. Unreadable files are "
         "reported and skipped. Progress goes to stderr; a JSON summary to stdout.")
     p.add_argument("folder", help="folder of images")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"gallery database (default {DEFAULT_DB})")
@@ -107,7 +108,7 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
                 raise ImageLoadError(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
             data = path.read_bytes()
             digest = sha256_bytes(data)
-            if digest in seen or gallery.has_sha256(digest):
+            if digest in seen or gallery.has_caption(digest, style):
                 summary["skipped_duplicates"] += 1
                 continue
             image = open_image(data)
@@ -116,8 +117,8 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
             summary["unreadable"].append({"file": name, "error": str(e)})
             bar.write(f"skipping {name}: {e}", file=sys.stderr)
             continue
-        captions = [{"text": c.text, "score": c.score} for c in result.captions]
-        gallery.add(image, captions, result.style, digest, source=name)
+        gallery.add(image, [c.to_dict() for c in result.captions], result.style, digest, source=name,
+                    tags=result.tags)
         seen.add(digest)
         summary["indexed"] += 1
     bar.close()

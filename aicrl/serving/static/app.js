@@ -534,7 +534,7 @@
         "longest caption": a.max_caption_words === undefined ? undefined : `${a.max_caption_words} words`,
         styles: (info.styles || []).join(", "),
       })),
-      section("Training data", el("p", { text: info.training_data || "-" })),
+      section("Training data", el("p", { text: (info.training_data && info.training_data.description) || "-" })),
       section("Evaluation metrics", Object.keys(metrics).length
         ? el("div", { id: "metrics" }, valueNode(metrics))
         : el("p", { id: "metrics", class: "muted", text: "This model folder has no metrics.json." })),
