@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import CaptionerConfig
+from ..config import MAX_BEAM_SIZE, CaptionerConfig
 from ..data.features import autocast_dtype
 from ..data.images import ImageSource, preprocess
 from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
@@ -30,7 +30,6 @@ from .encoders import ImageEncoder, build_encoder
 from .tags import classifier_head, tags_from_features
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px
-MAX_BEAM_SIZE = 10  # the one beam limit of the page, the API and the command line
 
 
 def default_model_dir() -> Path:

@@ -50,7 +50,8 @@ from starlette.concurrency import run_in_threadpool
 from ..data.images import MAX_PIXELS, ImageLoadError, ImageTooLargeError
 from ..data.vocab import tokenize
 from ..evaluation import sentence_bleu
-from ..model.captioner import GRID, MAX_BEAM_SIZE
+from ..config import MAX_BEAM_SIZE
+from ..model.captioner import GRID
 from .card import VERSION, model_card
 from .gallery import ID_PATTERN, Gallery, open_image, sha256_bytes
 

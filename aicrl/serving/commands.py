@@ -1,6 +1,7 @@
 """The `aicrl serve` and `aicrl index` subcommands (registered by aicrl/cli.py)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -8,11 +9,23 @@ import time
 from pathlib import Path
 
 from ..data.images import image_files
+from ..config import MAX_BEAM_SIZE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DB = "data/gallery.db"
 MAX_FILE_BYTES = 100 * 1024 * 1024  # `aicrl index` skips bigger files instead of reading them
+
+
+def beam_size_arg(text: str) -> int:
+    """argparse type of beam widths: the one limit the page, the API and the commands share."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_BEAM_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_BEAM_SIZE}, not {value}")
+    return value
 
 
 def add_serve(sub) -> None:
@@ -25,7 +38,7 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to "
                         "your network, and with it the gallery)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
                    help=f"gallery database; images go in an 'images' folder beside it (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
@@ -65,11 +78,11 @@ def add_index(sub) -> None:
         "the gallery with captions in this style (same content, by SHA-256) are skipped, so rerunning only "
         "adds new photos; another --style adds that style's captions to the same gallery items. Unreadable files are "
         "reported and skipped. Progress goes to stderr; a JSON summary to stdout.")
-    p.add_argument("folder", help="folder of images")
+    p.add_argument("folder", help="folder of images to caption")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"gallery database (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
     p.add_argument("--recursive", "-r", action="store_true", help="also index images in subfolders")
-    p.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
+    p.add_argument("--beam-size", type=beam_size_arg, default=3, metavar="K", help="beam width, 1 to 10 (default 3)")
     p.add_argument("--style", help="caption style (default: the model's first, factual)")
     p.set_defaults(func=cmd_index)
 
