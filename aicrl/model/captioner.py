@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..config import MAX_BEAM_SIZE, CaptionerConfig
 from ..data.features import autocast_dtype
 from ..data.images import ImageSource, preprocess
-from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
+from ..data.vocab import Vocabulary, is_content_word
 from ..decoding import Hypothesis, beam_search, greedy
 from .decoder import AttentionLSTMDecoder
 from .encoders import ImageEncoder, build_encoder
@@ -70,7 +70,7 @@ class Captioner:
     def __init__(self, config: CaptionerConfig, vocab: Vocabulary, decoder: AttentionLSTMDecoder,
                  encoder: ImageEncoder | None = None):
         self.config, self.vocab, self.decoder = config, vocab, decoder.eval()
-        self.content_words = torch.tensor([w not in FUNCTION_WORDS and w not in SPECIALS for w in vocab.itos])
+        self.content_words = torch.tensor([is_content_word(w) for w in vocab.itos])
         self._encoder = encoder
         self.encoder_finetuned = False
 

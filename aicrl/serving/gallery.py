@@ -1,14 +1,19 @@
-"""The gallery: every captioned image, its captions and style, in SQLite with an FTS5 caption index.
+"""The gallery: every captioned photo, its captions per style and its tags, in SQLite with FTS5 search.
 
 Layout (a data folder):
-    gallery.db          SQLite database (WAL mode): table `images` and the FTS5 table `captions_fts`
-    images/<id>.jpg     the stored image (EXIF orientation applied, metadata stripped, longest side
-                        at most `MAX_SIDE` px, JPEG)
+    gallery.db          SQLite database (WAL mode): table `images` and the FTS5 table `gallery_fts`
+    images/<id>.jpg     the stored image (EXIF orientation applied, re-encoded from its pixels so no
+                        metadata survives, longest side at most `MAX_SIDE` px, JPEG)
     images/<id>.thumb.jpg   a thumbnail (longest side `THUMB_SIDE` px)
+
+One item per photo, found by the SHA-256 of its bytes: captioning it again (another style, another
+beam width) updates the item, which keeps the newest captions of each style. The search index holds
+the best caption of each style, the other beam candidates and the tags.
 
 Images are addressed only by their generated id (32 hex digits, `ID_PATTERN`), never by a client path.
 Files are written atomically (a temp file in the same folder, then `os.replace`) before the rows are
-inserted in one transaction, so a row never points at a missing or half-written file.
+inserted in one transaction, so a row never points at a missing or half-written file; a delete moves
+the files aside, removes the rows in one transaction, then the files (or moves them back on failure).
 Every SQL statement is parameterised; search terms are quoted before they reach FTS5's query syntax.
 """
 from __future__ import annotations
