@@ -10,6 +10,7 @@ import struct
 import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -237,27 +238,35 @@ def test_bleu_refuses_a_huge_body_before_reading_it(client):
     assert r.status_code == 415
 
 
-def test_healthz_answers_quickly_while_the_largest_bleu_requests_are_scored(web_app):
-    """CPU work runs off the event loop: with eight of the largest requests the limits allow
-    arriving at once (0.1 s of scoring each here), /healthz still answers within 0.5 s."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_healthz_answers_quickly_while_bleu_is_scored(web_app, monkeypatch):
+    """CPU work runs off the event loop: while a BLEU request is being scored (made to take 3 s
+    here, so the test does not depend on this machine's speed), /healthz still answers at once."""
+    import aicrl.serving.app as app_module
 
-    refs = [" ".join(f"w{i % 50} x{i % 7}" for i in range(j, j + 330))[:2000] for j in range(20)]
-    body = {"candidate": refs[0], "references": refs}
+    real = app_module.sentence_bleu
+
+    def slow_bleu(candidate, references):
+        time.sleep(3)
+        return real(candidate, references)
+
+    monkeypatch.setattr(app_module, "sentence_bleu", slow_bleu)
     url, stop = serve(web_app)
     try:
-        with httpx.Client(base_url=url, timeout=30) as http, ThreadPoolExecutor(8) as pool:
+        with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+            # a machine busy with other work is slow to answer even when idle: allowed on top
+            t0 = time.perf_counter()
             http.get("/healthz")
-            work = [pool.submit(http.post, "/api/bleu", json=body) for _ in range(8)]
-            time.sleep(0.05)
+            baseline = time.perf_counter() - t0
+            work = pool.submit(http.post, "/api/bleu", json={"candidate": "a cat", "references": ["a cat"]})
+            time.sleep(0.5)
             t0 = time.perf_counter()
             health = http.get("/healthz")
             waited = time.perf_counter() - t0
-            done = [w.result() for w in work]
+            scored = work.result()
     finally:
         stop()
-    assert all(r.status_code == 200 for r in done) and health.status_code == 200
-    assert waited < 0.5, waited
+    assert scored.status_code == 200 and scored.json()["bleu"]["BLEU-1"] == pytest.approx(1.0)
+    assert health.status_code == 200 and waited < 0.5 + 2 * baseline, (waited, baseline)
 
 
 @pytest.mark.parametrize("fields, message", [
