@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .devices import DEVICE_HELP, add_device_option
-from .serving.commands import add_backend, add_index, add_serve
+from .serving.commands import add_backend, add_index, add_serve, beam_size_arg
 
 
 def _add_extract(sub) -> None:
@@ -16,16 +16,20 @@ def _add_extract(sub) -> None:
                        description="Run the encoder once over every image of a dataset and write the "
                        "grid features (fp16, memory-mapped) to a cache folder that training reads. "
                        "Resumable: rerun the same command after an interruption.")
-    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k",
+                   help="which dataset's layout DATA_DIR has (default flickr8k)")
     p.add_argument("--data-dir", required=True, help="dataset folder, e.g. ../shared/data/flickr8k")
-    p.add_argument("--encoder", default="efficientnet-lite2", choices=["efficientnet-lite2", "resnet50"])
-    p.add_argument("--encoder-weights", help="local ImageNet weights file for the encoder")
-    p.add_argument("--out", required=True, help="cache folder to write (or resume)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--encoder", default="efficientnet-lite2", choices=["efficientnet-lite2", "resnet50"],
+                   help="the CNN whose grid features are cached; train and serve with the same one "
+                        "(default efficientnet-lite2, whose weights ship with the package)")
+    p.add_argument("--encoder-weights", metavar="FILE",
+                   help="local ImageNet weights file for the encoder (default: the packaged or torchvision weights)")
+    p.add_argument("--out", required=True, metavar="DIR", help="cache folder to write (or resume)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per encoder batch (default 32)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
-                   help="auto: bf16 autocast where the hardware has it natively (CPU: 3x faster here, "
-                   "cosine >= 0.99), fp16 on older GPUs, else fp32")
-    p.add_argument("--workers", type=int, help="image-decoding worker processes (default: 1 on CPU, "
+                   help="auto (the default): bf16 autocast where the hardware has it natively (CPU: 3x faster "
+                        "here, cosine >= 0.99), fp16 on older GPUs, else fp32; fp32 for exact features")
+    p.add_argument("--workers", type=int, metavar="N", help="image-decoding worker processes (default: 1 on CPU, "
                    "up to 8 on a GPU)")
     add_device_option(p)
     p.set_defaults(func=cmd_extract)
@@ -44,32 +48,74 @@ def cmd_extract(args) -> int:
     return 0
 
 
+# Help for every TrainConfig field (the dataclass holds the defaults, shown after these texts).
+TRAIN_HELP = {
+    "dataset": "dataset layout of --data-dir: flickr8k or coco",
+    "data_dir": "dataset folder (e.g. ../shared/data/flickr8k)",
+    "features": "feature cache folder written by `aicrl extract-features` with the same encoder",
+    "style_file": "jsonl of styled captions (FlickrStyle7k format) to train a style-conditioned model; "
+                  "empty: factual captions only",
+    "style_repeat": "how many times each styled caption is seen per epoch (styled captions are fewer)",
+    "train_images": "use only the first N training images (0 = all): for quick trials and searches",
+    "dev_images": "score only the first N dev images after each epoch (0 = all)",
+    "min_freq": "keep words seen at least this many times in the training captions; rarer ones become <unk>",
+    "max_words": "training captions are cut to this many words",
+    "embed_dim": "word embedding size",
+    "hidden_dim": "LSTM hidden state size",
+    "attention_dim": "size of the attention layer that scores the image regions",
+    "style_dim": "size of the style embedding (used with --style-file)",
+    "dropout": "dropout before the word classifier",
+    "optimizer": "adam, or sgd (momentum 0.9)",
+    "lr": "learning rate of the decoder",
+    "batch_size": "captions (cross-entropy) or images (self-critical) per training step",
+    "weight_decay": "L2 weight decay",
+    "grad_clip": "clip the gradient norm to this value (0 = no clipping)",
+    "label_smoothing": "label smoothing of the word targets (0 = none)",
+    "attention_penalty": "weight of the doubly stochastic attention penalty (every region attended over a caption)",
+    "lr_decay": "multiply the learning rate by this when the dev metric stops improving",
+    "lr_patience": "epochs without improvement before the learning rate decays",
+    "epochs": "most epochs to train",
+    "early_stop": "stop after this many epochs without a better dev metric",
+    "metric": "dev metric that selects the best epoch and drives early stopping: CIDEr or BLEU-4",
+    "eval_beam": "beam width for the dev evaluation after each epoch",
+    "precision": "decoder autocast: auto (bf16 where native, fp16 on older GPUs), bf16, fp16 or fp32",
+    "device": DEVICE_HELP + "; under torchrun cuda is cuda:LOCAL_RANK",
+    "features_in_memory": "copy the training features into RAM first, instead of reading each batch from the "
+                          "cache file (small caches)",
+    "max_steps": "stop after this many optimiser steps (0 = no limit): smoke runs, benchmarks",
+    "init_from": "start from this model folder: its vocabulary, styles and weights (self-critical training "
+                 "starts from a cross-entropy model)",
+    "objective": "cross-entropy (teacher forcing) or self-critical (REINFORCE on CIDEr-D, baseline = the mean "
+                 "reward of the image's other samples)",
+    "scst_samples": "self-critical: captions sampled per image",
+    "scst_max_words": "self-critical: longest sampled caption, in words",
+    "scst_style_ce": "self-critical: weight of a cross-entropy batch of styled captions per step (0 = off)",
+    "seed": "random seed (initialisation, shuffling, dropout)",
+    "out": "output folder: checkpoint.pt, log.jsonl, curves.png and the best model in OUT/best",
+    "finetune_encoder": "also train the encoder's last stage, on images instead of cached features (slow on CPU)",
+    "encoder_lr": "learning rate of the encoder's last stage (with --finetune-encoder)",
+}
+
+
 def _train_options(sub, name: str, **kwargs) -> argparse.ArgumentParser:
     """One flag per TrainConfig field, so the dataclass stays the one place for defaults."""
     from dataclasses import fields
 
     from .training import TrainConfig
 
-    p = sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-    helps = {"data_dir": "dataset folder (e.g. ../shared/data/flickr8k)", "features": "feature cache folder",
-             "style_file": "jsonl of styled captions to train with (style-conditioned model)",
-             "out": "output folder", "metric": "dev metric for early stopping and selection",
-             "train_images": "use only the first N training images (0 = all)",
-             "precision": "decoder autocast: auto (bf16 where native, fp16 on older GPUs), bf16, fp16 or fp32",
-             "device": DEVICE_HELP + "; under torchrun cuda is cuda:LOCAL_RANK",
-             "features_in_memory": "copy the training features into RAM first, instead of reading "
-                                   "each batch from the cache file (small caches)",
-             "max_steps": "stop after this many optimiser steps (0 = no limit)"}
+    p = sub.add_parser(name, **kwargs)
     for f in fields(TrainConfig):
         if f.name == "show_progress":
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = TRAIN_HELP.get(f.name, f.name.replace("_", " "))
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=helps.get(f.name, f.name.replace("_", " ")))
+            p.add_argument(flag, action="store_true", help=text)
         else:
             kind = {"int": int, "float": float}.get(str(f.type), str)
-            p.add_argument(flag, type=kind, default=f.default, help=helps.get(f.name, f.name.replace("_", " ")),
-                           required=f.name in ("data_dir", "features"))
+            required = f.name in ("data_dir", "features")
+            shown = "" if required or f.default in ("", None) else f" (default {f.default})"
+            p.add_argument(flag, type=kind, default=f.default, help=text + shown, required=required)
     return p
 
 
@@ -87,7 +133,8 @@ def _add_search(sub) -> None:
                        description="Train every combination of learning rate {0.001, 0.01, 0.1} x batch "
                        "size {32, 64, 128} x optimizer {adam, sgd} with the other training options as the "
                        "budget (e.g. --train-images 1000 --epochs 2) and write a Markdown results table.")
-    p.add_argument("--table", default="docs/hparam_search.md", help="where to write the results table")
+    p.add_argument("--table", default="docs/hparam_search.md", metavar="FILE",
+                   help="where to write the results table (default docs/hparam_search.md)")
     p.set_defaults(func=cmd_search)
 
 
@@ -116,18 +163,22 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _expand(paths: list[str]) -> tuple[list[Path], bool]:
-    """Files stay, folders become their image files (sorted); True when a folder was given."""
+def _expand(paths: list[str]) -> tuple[list[Path], bool, list[Path]]:
+    """Files stay, folders become their image files (sorted). Returns (files, whether a folder
+    was given, the folders without an image)."""
     from .data.images import image_files
 
-    files, folder = [], False
+    files, folder, empty = [], False, []
     for p in map(Path, paths):
         if p.is_dir():
             folder = True
-            files += image_files(p)
+            found = image_files(p)
+            files += found
+            if not found:
+                empty.append(p)
         else:
             files.append(p)
-    return files, folder
+    return files, folder, empty
 
 
 STYLE_GUIDANCE_HELP = ("override the model's style guidance: how far a styled caption is pushed from the "
@@ -137,19 +188,25 @@ STYLE_GUIDANCE_HELP = ("override the model's style guidance: how far a styled ca
 def _add_caption(sub) -> None:
     p = sub.add_parser("caption", help="caption image files or folders (the shipped model by default)",
                        description="Caption images with beam search. Prints one caption per image, or with "
-                       "--json one JSON object per image per line: image, captions [{text, score}] best "
-                       "first, timing_ms. Unreadable files are reported on stderr (exit status 1).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "--json one JSON object per image per line: image, captions [{text, score, logprob}] "
+                       "best first, style, tags [{label, probability}] (the encoder's ImageNet labels), and "
+                       "timing_ms: encode and decode milliseconds per image, the time of the whole batch "
+                       "divided by its batch_images. Unreadable files are reported on stderr (exit status 1); "
+                       "no image at all is an error (exit status 2).")
     p.add_argument("images", nargs="+", help="image files and/or folders of images")
-    p.add_argument("--model", help="model folder (default: the model shipped with the package)")
-    p.add_argument("--beam-size", type=int, default=3, help="beam width (1 = greedy)")
-    p.add_argument("--n-best", type=int, default=1, help="how many captions per image")
-    p.add_argument("--style", help="caption style, e.g. factual, humorous, romantic (see the model's styles)")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--beam-size", type=beam_size_arg, default=3, metavar="K",
+                   help="beam width, 1 (greedy) to 10 (default 3)")
+    p.add_argument("--n-best", type=beam_size_arg, default=1, metavar="N",
+                   help="captions per image, best first (default 1); a larger N than --beam-size widens the beam")
+    p.add_argument("--style", help="caption style, e.g. factual, humorous, romantic (default: the model's "
+                   "first; see its config.json)")
     p.add_argument("--style-guidance", type=float, metavar="W", help=STYLE_GUIDANCE_HELP)
-    p.add_argument("--json", action="store_true", help="JSON lines output for machines")
+    p.add_argument("--json", action="store_true", help="print JSON lines, one per image, for machines")
     p.add_argument("--attention", metavar="PNG", help="save each word's attention map over the image "
                    "(with several images: one file per image, named PNG-STEM.png)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, metavar="N",
+                   help="images captioned together (default 8): faster per image, timing_ms is per batch")
     add_backend(p)
     add_device_option(p)
     p.set_defaults(func=cmd_caption)
@@ -158,11 +215,24 @@ def _add_caption(sub) -> None:
 def cmd_caption(args) -> int:
     from tqdm import tqdm
 
-    from .data.images import ImageLoadError, load_image
+    from .data.images import IMAGE_SUFFIXES, ImageLoadError, load_image
     from .model.captioner import Captioner
     from .visualize import attention_figure
 
-    files, folder = _expand(args.images)
+    files, folder, empty = _expand(args.images)
+    for path in empty:
+        print(f"aicrl caption: no images found in {path} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})",
+              file=sys.stderr)
+    if not files:
+        return 2
+    if args.attention and not Path(args.attention).resolve().parent.is_dir():
+        print(f"aicrl caption: --attention: the folder {Path(args.attention).parent} does not exist",
+              file=sys.stderr)
+        return 2
+    if args.n_best > args.beam_size:
+        print(f"aicrl caption: --n-best {args.n_best} needs a beam that wide: using --beam-size {args.n_best}",
+              file=sys.stderr)
+        args.beam_size = args.n_best
     captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
     if args.style_guidance is not None:
         captioner.config.style_guidance = args.style_guidance
@@ -180,10 +250,12 @@ def cmd_caption(args) -> int:
                 failures += 1
                 print(f"aicrl: skipping {e}", file=sys.stderr)
         if images:
-            results = captioner.caption(images, args.beam_size, max(args.n_best, 1), args.style)
+            results = captioner.caption(images, args.beam_size, args.n_best, args.style)
             for f, image, result in zip(chunk, images, results):
                 if args.json:
-                    print(json.dumps({"image": str(f)} | result.to_dict()), flush=True)
+                    line = {"image": str(f)} | result.to_dict()
+                    line["timing_ms"] = line["timing_ms"] | {"batch_images": len(images)}
+                    print(json.dumps(line), flush=True)
                 else:
                     lines = [c.text for c in result.captions]
                     prefix = f"{f}: " if len(files) > 1 else ""
@@ -204,21 +276,22 @@ def _add_evaluate(sub) -> None:
                        description="Caption every image of a split with beam search and score the captions "
                        "with the coco-caption toolkit (pycocoevalcap) and NLTK corpus BLEU. With --style "
                        "(and --style-file) it scores styled captions on the style file's dev images: BLEU, "
-                       "METEOR, CIDEr against styled references, style accuracy and content overlap.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", help="model folder (default: the shipped model)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k")
-    p.add_argument("--data-dir", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--features", help="feature cache of the same encoder (much faster than images)")
-    p.add_argument("--beam-size", type=int, default=3)
+                       "METEOR, CIDEr against styled references, style accuracy and content overlap.")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k",
+                   help="which dataset's layout DATA_DIR has (default flickr8k)")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="dataset folder, e.g. ../shared/data/flickr8k")
+    p.add_argument("--split", default="test", help="train, dev or test (default test)")
+    p.add_argument("--features", metavar="DIR",
+                   help="feature cache of the same encoder (much faster than reading the images)")
+    p.add_argument("--beam-size", type=beam_size_arg, default=3, metavar="K", help="beam width, 1 to 10 (default 3)")
     p.add_argument("--style", help="evaluate this style (needs --style-file); default: factual captions")
-    p.add_argument("--style-file", help="styled captions jsonl (FlickrStyle7k format)")
+    p.add_argument("--style-file", metavar="FILE", help="styled captions jsonl (FlickrStyle7k format)")
     p.add_argument("--length-penalty", type=float, help="override the model's beam length penalty "
                    "(score = logprob / length**penalty); tune it on --split dev")
     p.add_argument("--style-guidance", type=float, metavar="W", help=STYLE_GUIDANCE_HELP)
-    p.add_argument("--limit", type=int, default=0, help="only the first N images (0 = all)")
-    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (default 0 = all)")
+    p.add_argument("--out", metavar="FILE", help="also write the results JSON to this file")
     p.add_argument("--save-to-model", action="store_true",
                    help="also record the results in the model folder's metrics.json")
     add_backend(p, default="torch")
@@ -306,7 +379,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aicrl", description="AICRL: image captioning with a pretrained CNN encoder and an "
         "attention LSTM decoder. Caption photos, train and evaluate models, serve the web app.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export):
         add(sub)

@@ -5,6 +5,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+MAX_BEAM_SIZE = 10  # the one beam limit of the page, the API and the command line
+
 
 @dataclass
 class CaptionerConfig:

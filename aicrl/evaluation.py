@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .data.datasets import CaptionData
-from .data.vocab import tokenize
+from .data.vocab import content_words, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +153,6 @@ def fit_style_classifier(factual: CaptionData, styled: CaptionData) -> StyleClas
     (`factual`: e.g. Flickr8k, `styled`: e.g. FlickrStyle7k)."""
     captions = styled.select("train") + factual.select("train")
     return StyleClassifier().fit([r.caption for r in captions], [r.style for r in captions])
-
-
-def content_words(text: str) -> set[str]:
-    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
-
-    return {w for w in tokenize(text) if w not in ENGLISH_STOP_WORDS and len(w) > 2}
 
 
 def content_overlap(predictions: dict[str, str], factual_refs: dict[str, list[str]]) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .model.tags import CLASSIFIER_FILE, save_head
 from .runtime import MANIFEST, ONNX_FILES, WEIGHTS, OnnxModel, file_sha256
 
 
@@ -173,7 +174,8 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         manifest["checks"] = {k: round(v, 6) for k, v in checks.items()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (model_dir / MANIFEST).unlink(missing_ok=True)  # no valid export while files are replaced
-        for name in [*ONNX_FILES.values(), MANIFEST]:  # the manifest last: it makes the export valid
+        tags = [CLASSIFIER_FILE] if save_head(encoder, tmp) else []  # the ImageNet head, for tags
+        for name in [*ONNX_FILES.values(), *tags, MANIFEST]:  # the manifest last: it makes the export valid
             os.replace(tmp / name, model_dir / name)
     manifest["seconds"] = round(time.perf_counter() - started, 1)
     manifest["bytes"] = {name: (model_dir / name).stat().st_size for name in ONNX_FILES.values()}

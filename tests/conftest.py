@@ -2,6 +2,9 @@
 EfficientNet-Lite2 encoder with a small random decoder, saved as a model folder."""
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +40,31 @@ def make_tiny_model(path: Path) -> Path:
         decoder.out_words.bias[vocab.unk] = -30.0
     Captioner(cfg, vocab, decoder).save_pretrained(path, metrics=WEB_METRICS, command="aicrl train --tiny (tests)")
     return path
+
+
+def serve(app):
+    """Run `app` with uvicorn in a background thread on a free 127.0.0.1 port; returns (url, stop)."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+
+    def stop():
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+    return f"http://127.0.0.1:{port}", stop
 
 
 @pytest.fixture(scope="session")

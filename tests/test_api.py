@@ -8,7 +8,9 @@ import json
 import re
 import struct
 import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,7 @@ from aicrl.serving.app import create_app
 from aicrl.serving.commands import add_index, add_serve
 from aicrl.serving.gallery import Gallery, fts_query
 
-from .conftest import SAMPLES, WEB_METRICS
+from .conftest import SAMPLES, WEB_METRICS, serve
 
 ID = re.compile(r"^[0-9a-f]{32}$")
 CHELSEA = (SAMPLES / "chelsea.jpg").read_bytes()
@@ -103,13 +105,48 @@ def test_info_is_the_model_card(client):
     assert info["metrics"] == WEB_METRICS
     assert info["architecture"]["encoder"] == "efficientnet-lite2"
     assert info["architecture"]["encoder_features"] == "7x7x1280"
-    text = " ".join(info["limitations"])
-    assert "Flickr8k" in text and "FlickrStyle7k" in text
-    assert info["limits"]["max_upload_bytes"] == 20 * 1024 * 1024
+    assert info["training_data"]["description"] == WEB_METRICS["dataset"]  # from the folder's metrics.json
+    assert info["scores"]["factual"]["CIDEr"] == 0.5432
+    summary = " ".join(info["summary"])
+    assert "efficientnet-lite2" in summary and WEB_METRICS["dataset"] in summary and "CIDEr 0.543" in summary
+    assert info["backend"] == "torch" and "PyTorch" in info["runtime"] and info["runtime"] in summary
+    assert "Flickr" not in summary + " ".join(info["limitations"])  # nothing the folder does not say
+    assert info["limits"]["max_upload_bytes"] == 20 * 1024 * 1024 and info["limits"]["max_beam_size"] == 10
     assert info["latency"]["count"] == 0
     post_image(client)
     latency = client.get("/api/info").json()["latency"]
     assert latency["count"] == 1 and latency["model_ms_median"] > 0
+
+
+def test_model_card_reads_the_training_data_from_the_model_folder(web_captioner, tmp_path):
+    """A COCO model is described as one: the dataset comes from COMMAND.txt when metrics.json
+    does not name it, the style data from its --style-file."""
+    import shutil
+
+    from aicrl.serving.card import model_card
+
+    folder = tmp_path / "coco-model"
+    folder.mkdir()
+    (folder / "COMMAND.txt").write_text(
+        "# how\naicrl extract-features --dataset coco --data-dir d --out c\n"
+        "aicrl train --dataset coco --data-dir ../data/coco --features c --style-file s/mystyles.jsonl --epochs 3\n")
+    (folder / "metrics.json").write_text(json.dumps({"test_factual": {
+        "split": "test", "images": 5000, "coco_caption": {"BLEU-4": 0.25, "CIDEr": 0.81, "METEOR": 0.22}},
+        "x_dev_humorous": {"style": "humorous", "style_accuracy": 0.9, "CIDEr": 0.2}}))
+    card = model_card(web_captioner, folder)
+    assert card["training_data"]["dataset"] == "coco" and "COCO" in card["training_data"]["description"]
+    assert card["training_data"]["style_data"] == "mystyles"
+    summary = " ".join(card["summary"])
+    assert "COCO" in summary and "Flickr" not in summary and "mystyles" in summary
+    assert "on 5,000 test images: BLEU-4 0.250, METEOR 0.220, CIDEr 0.810" in summary
+    assert "humorous 90%" in summary
+    assert "COCO" in card["limitations"][0] and "mystyles" in card["limitations"][1]
+    bare = tmp_path / "bare"
+    shutil.copytree(folder, bare)
+    (bare / "COMMAND.txt").unlink()
+    (bare / "metrics.json").unlink()
+    card = model_card(web_captioner, bare)
+    assert card["scores"] == {} and "no evaluation scores" in " ".join(card["summary"])
 
 
 def test_warmup_measures_latency_without_storing(web_model_dir, web_captioner, tmp_path):
@@ -135,6 +172,7 @@ def test_caption_an_image_and_keep_it_in_the_gallery(client, web_app):
     assert all(abs(sum(w) - 1) < 0.01 for w in att["weights"])
     assert body["timing_ms"]["encode"] > 0 and "decode" in body["timing_ms"]
     assert "bleu" not in body
+    assert body["tags"] and body["tags"][0]["label"] in {"Egyptian cat", "tabby", "tiger cat"}
     image = client.get(body["image_url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(image.content)).size == (451, 300)  # chelsea.jpg, EXIF stripped
@@ -174,9 +212,61 @@ def test_bleu_endpoint(client):
                                        "references": ["a dog runs on the grass", "a brown dog"]})
     assert r.status_code == 200 and r.json()["bleu"]["BLEU-4"] == pytest.approx(1.0)
     lines = client.post("/api/bleu", json={"candidate": "a cat", "references": "a dog\na man on a horse"}).json()
-    assert lines["references"] == ["a dog", "a man on a horse"] and 0 < lines["bleu"]["BLEU-1"] < 1
+    assert lines["references_used"] == 2 and 0 < lines["bleu"]["BLEU-1"] < 1
+    assert set(lines) == {"bleu", "references_used"}  # the inputs are not echoed back
     empty = client.post("/api/bleu", json={"candidate": "a cat", "references": ["", "  "]})
     assert empty.status_code == 422 and "reference" in empty.json()["detail"]
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"candidate": "a cat", "references": "a cat\n" * 4000}, 422, "references"),  # 24,000 characters
+    ({"candidate": "a cat", "references": ["a cat " * 400]}, 422, "references"),  # one too long
+    ({"candidate": "a cat " * 400, "references": ["a cat"]}, 422, "candidate"),
+    ({"candidate": "a cat", "references": ["a cat"] * 21}, 422, "at most 20"),
+    ({"candidate": "a cat", "references": ["x" * 1000] * 70}, 413, "64 KiB"),  # over the body limit
+])
+def test_bleu_limits_its_fields_and_body(client, body, status, message):
+    r = client.post("/api/bleu", json=body)
+    assert r.status_code == status and message in r.json()["detail"], r.text
+    assert "a cat a cat" not in r.text  # no echo of the input, even in the error
+
+
+def test_bleu_refuses_a_huge_body_before_reading_it(client):
+    r = client.post("/api/bleu", content=b"{" + b" " * (50 * 1024 * 1024), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    r = client.post("/api/bleu", content=b"candidate=a", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+
+
+def test_healthz_answers_quickly_while_bleu_is_scored(web_app, monkeypatch):
+    """CPU work runs off the event loop: while a BLEU request is being scored (made to take 3 s
+    here, so the test does not depend on this machine's speed), /healthz still answers at once."""
+    import aicrl.serving.app as app_module
+
+    real = app_module.sentence_bleu
+
+    def slow_bleu(candidate, references):
+        time.sleep(3)
+        return real(candidate, references)
+
+    monkeypatch.setattr(app_module, "sentence_bleu", slow_bleu)
+    url, stop = serve(web_app)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
+            # a machine busy with other work is slow to answer even when idle: allowed on top
+            t0 = time.perf_counter()
+            http.get("/healthz")
+            baseline = time.perf_counter() - t0
+            work = pool.submit(http.post, "/api/bleu", json={"candidate": "a cat", "references": ["a cat"]})
+            time.sleep(0.5)
+            t0 = time.perf_counter()
+            health = http.get("/healthz")
+            waited = time.perf_counter() - t0
+            scored = work.result()
+    finally:
+        stop()
+    assert scored.status_code == 200 and scored.json()["bleu"]["BLEU-1"] == pytest.approx(1.0)
+    assert health.status_code == 200 and waited < 0.5 + 2 * baseline, (waited, baseline)
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -187,6 +277,8 @@ def test_bleu_endpoint(client):
     ({"n_best": 0}, "n_best"),
     ({"style": "sarcastic"}, "Unknown style 'sarcastic'"),
     ({"references": "\n".join(["a dog"] * 21)}, "at most 20"),
+    ({"references": "!!!\n..."}, "at least one reference caption"),  # given, but no words in it
+    ({"references": "a" * 2001}, "at most 2000 characters"),
 ])
 def test_invalid_parameters_are_422_with_a_clear_message(client, web_app, fields, message):
     r = post_image(client, **fields)
@@ -215,6 +307,125 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(client, web_app, case):
     assert message in r.json()["detail"]
     assert web_app.state.gallery.count() == 0 and stored_files(web_app) == []
     assert post_image(client).status_code == 200  # still serving
+
+
+def test_repeated_fields_are_refused(client, web_app):
+    coffee = (SAMPLES / "coffee.jpg").read_bytes()
+    r = client.post("/api/captions", files=[("image", ("a.jpg", CHELSEA, "image/jpeg")),
+                                            ("image", ("b.jpg", coffee, "image/jpeg"))])
+    assert r.status_code == 422 and "image" in r.json()["detail"]
+    r = client.post("/api/captions", files={"image": ("a.jpg", CHELSEA, "image/jpeg")},
+                    data={"beam_size": ["2", "3"]})
+    assert r.status_code == 422 and "beam_size" in r.json()["detail"]
+    assert web_app.state.gallery.count() == 0 and stored_files(web_app) == []
+
+
+def test_stored_images_keep_no_metadata(client, web_app):
+    """EXIF, XMP, ICC and JPEG comments (COM segments) are all gone from the stored files."""
+    image = Image.open(io.BytesIO(CHELSEA))
+    exif = Image.Exif()
+    exif[0x010E] = "secret description"  # ImageDescription
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", comment=b"<script>alert(1)</script>", exif=exif.tobytes(),
+               icc_profile=b"\0" * 128 + b"secret-profile")
+    data = buf.getvalue()
+    assert b"<script>" in data and b"secret description" in data
+    body = post_image(client, data=data).json()
+    for url in (body["image_url"], body["thumbnail_url"]):
+        stored = client.get(url).content
+        assert b"<script>" not in stored and b"secret" not in stored
+        info = Image.open(io.BytesIO(stored)).info
+        assert not {"comment", "exif", "icc_profile", "xmp"} & set(info), info
+
+
+def test_the_same_photo_is_one_gallery_item_with_its_captions_per_style(client, web_app):
+    first = post_image(client).json()
+    again = post_image(client, beam_size=2).json()
+    funny = post_image(client, style="humorous").json()
+    assert first["id"] == again["id"] == funny["id"]
+    assert web_app.state.gallery.count() == 1 and len(stored_files(web_app)) == 2
+    word = first["captions"][0]["text"].split()[0]
+    assert client.get("/api/search", params={"q": word}).json()["count"] == 1
+    item = client.get(f"/api/images/{first['id']}/details").json()
+    assert set(item["styles"]) == {"factual", "humorous"}
+    assert item["styles"]["factual"]["captions"] == again["captions"]  # the newest per style
+    assert item["styles"]["humorous"]["captions"] == funny["captions"]
+    assert item["style"] == "humorous" and item["captions"] == funny["captions"]  # the latest first
+    assert item["styles"]["factual"]["attention"]["words"] == again["attention"]["words"]
+    assert item["tags"] == first["tags"] and item["created"] <= item["updated"]
+    search_item = client.get("/api/search").json()["results"][0]
+    assert "attention" not in search_item["styles"]["factual"]  # kept out of search results (size)
+    other = post_image(client, data=(SAMPLES / "coffee.jpg").read_bytes())
+    assert other.json()["id"] != first["id"] and web_app.state.gallery.count() == 2
+
+
+def test_tags_find_a_photo_the_caption_cannot_name(client):
+    """The tiny test model cannot say "espresso"; the encoder's ImageNet head can."""
+    body = post_image(client, data=(SAMPLES / "coffee.jpg").read_bytes(), name="coffee.jpg").json()
+    assert body["tags"][0]["label"] == "espresso" and body["tags"][0]["probability"] > 0.5
+    probabilities = [t["probability"] for t in body["tags"]]
+    assert probabilities == sorted(probabilities, reverse=True) and min(probabilities) >= 0.05
+    assert "espresso" not in " ".join(c["text"] for c in body["captions"])
+    found = client.get("/api/search", params={"q": "Espresso"}).json()
+    assert [r["id"] for r in found["results"]] == [body["id"]] and found["results"][0]["tags"] == body["tags"]
+
+
+def test_delete_removes_the_files_the_row_and_the_search_entry(client, web_app):
+    body = post_image(client, data=(SAMPLES / "coffee.jpg").read_bytes()).json()
+    keep = post_image(client).json()
+    assert len(stored_files(web_app)) == 4
+    r = client.delete(f"/api/images/{body['id']}")
+    assert r.status_code == 204
+    assert client.get(body["image_url"]).status_code == 404 and client.get(body["thumbnail_url"]).status_code == 404
+    assert client.get(f"/api/images/{body['id']}/details").status_code == 404
+    assert client.get("/api/search", params={"q": "espresso"}).json()["count"] == 0
+    assert [r["id"] for r in client.get("/api/search").json()["results"]] == [keep["id"]]
+    assert sorted(p.name for p in stored_files(web_app)) == [f"{keep['id']}.jpg", f"{keep['id']}.thumb.jpg"]
+    assert client.delete(f"/api/images/{body['id']}").status_code == 404
+    assert client.delete("/api/images/not-an-id").status_code == 422
+    again = post_image(client, data=(SAMPLES / "coffee.jpg").read_bytes()).json()  # can be added back
+    assert again["id"] != body["id"] and web_app.state.gallery.count() == 2
+
+
+def test_a_failed_delete_keeps_the_item_whole(tmp_path, monkeypatch):
+    gallery = Gallery(tmp_path / "g.db")
+    record = gallery.add(Image.new("RGB", (8, 8)), [{"text": "a red square", "score": 0}], "factual", "h")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(gallery, "_connect", broken)
+    with pytest.raises(RuntimeError):
+        gallery.delete(record["id"])
+    monkeypatch.undo()
+    assert gallery.get(record["id"]) and gallery.search("square")[0]
+    assert sorted(p.name for p in gallery.image_dir.iterdir()) == [f"{record['id']}.jpg", f"{record['id']}.thumb.jpg"]
+
+
+def test_delete_from_another_site_is_refused(client, web_app):
+    body = post_image(client).json()
+    r = client.delete(f"/api/images/{body['id']}", headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and web_app.state.gallery.count() == 1
+
+
+def test_a_database_of_the_first_release_is_upgraded(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "g.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript("""
+            CREATE TABLE images (id TEXT PRIMARY KEY, sha256 TEXT NOT NULL, source TEXT, style TEXT NOT NULL,
+                captions TEXT NOT NULL, width INTEGER NOT NULL, height INTEGER NOT NULL, created TEXT NOT NULL);
+            CREATE VIRTUAL TABLE captions_fts USING fts5 (id UNINDEXED, best, others, tokenize = 'porter unicode61');
+            INSERT INTO images VALUES ('%s', 'abc', NULL, 'factual', '[{"text": "a dog runs", "score": -1.0}]',
+                                       10, 10, '2025-01-01T00:00:00+00:00');
+            INSERT INTO captions_fts VALUES ('%s', 'a dog runs', '');""" % ("a" * 32, "a" * 32))
+    gallery = Gallery(db)
+    results, _ = gallery.search("dog")
+    assert [r["id"] for r in results] == ["a" * 32]
+    assert results[0]["styles"] == {"factual": {"captions": [{"text": "a dog runs", "score": -1.0}],
+                                                "created": "2025-01-01T00:00:00+00:00"}}
+    assert results[0]["tags"] == []
 
 
 def test_body_that_is_not_multipart_or_lacks_the_image(client, web_app):

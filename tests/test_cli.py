@@ -1,6 +1,11 @@
 """The command line on the shipped model: `aicrl caption` works with no flags after install."""
+import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +49,15 @@ def test_caption_json_lines(capsys):
         scores = [c["score"] for c in line["captions"]]
         assert len(scores) == 3 and scores == sorted(scores, reverse=True)
         assert all(c["text"] for c in line["captions"]) and line["timing_ms"]["encode"] > 0
+        assert line["timing_ms"]["batch_images"] == 2  # the batch's time, divided by its images
+    assert lines[1]["tags"][0]["label"] in {"Egyptian cat", "tabby", "tiger cat"}
+    assert all(0.05 <= t["probability"] <= 1 for line in lines for t in line["tags"])
+
+
+def test_n_best_wider_than_the_beam_widens_it(capsys):
+    assert main(["caption", str(SAMPLES / "coffee.jpg"), "--json", "--n-best", "4", "--beam-size", "2"]) == 0
+    out = capsys.readouterr()
+    assert len(json.loads(out.out)["captions"]) == 4 and "using --beam-size 4" in out.err
 
 
 def test_caption_folder_skips_bad_files_and_saves_attention(tmp_path, capsys):
@@ -68,3 +82,52 @@ def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])
     assert exit_.value.code == 0 and len(capsys.readouterr().out) > 300
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "aicrl.cli", *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_bad_arguments_are_clear_errors_not_tracebacks(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no photo here")
+    coffee = str(SAMPLES / "coffee.jpg")
+    cases = {  # run side by side: each one starts Python and torch
+        "beam 0": (["caption", coffee, "--beam-size", "0"], "--beam-size: must be from 1 to 10"),
+        "beam 11": (["index", str(SAMPLES), "--beam-size", "11"], "must be from 1 to 10"),
+        "attention folder": (["caption", coffee, "--attention", "/no/such/dir/a.png"],
+                             "the folder /no/such/dir does not exist"),
+        "empty folder": (["caption", str(tmp_path / "empty")], "no images found in"),
+    }
+    running = {name: run_cli(*args) for name, (args, _) in cases.items()}
+    for name, process in running.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 2, (name, err)
+        assert cases[name][1] in err and "Traceback" not in err, (name, err)
+        assert out == ""
+
+
+def _options(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {o}", h) for o, h in _options(sub))
+        elif action.help != argparse.SUPPRESS:
+            yield "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_option_has_real_help():
+    from aicrl.cli import build_parser
+
+    options = list(_options(build_parser()))
+    assert len(options) > 60
+    for option, text in options:
+        words = (text or "").replace("%(default)s", "").split()
+        flag = option.split()[-1].lstrip("-").replace("-", " ")
+        assert len(words) >= 3 and (text or "").lower() != flag, (option, text)  # not a placeholder
+        assert "default: None" not in text and text.count("(default") <= 1, (option, text)

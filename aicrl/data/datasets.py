@@ -15,6 +15,11 @@ log = logging.getLogger(__name__)
 
 FACTUAL = "factual"
 DATASETS = ("flickr8k", "coco")
+# What a model card says a model trained on each dataset learnt from (see serving/card.py).
+DATASET_DESCRIPTIONS = {
+    "flickr8k": "Flickr8k (8,000 everyday photos, mostly people and dogs outdoors, 5 captions each)",
+    "coco": "MS COCO 2017 (118,000 photos of 80 kinds of everyday objects in context, 5 captions each)",
+}
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,16 @@ def tokenize(text: str) -> list[str]:
     return [w.strip("'") for w in text.split() if w.strip("'")]
 
 
+def is_content_word(word: str) -> bool:
+    """The one definition of a content word: not a function word, not a special token. Decoding
+    bans content-word loops with it; evaluation measures content overlap with it."""
+    return word not in FUNCTION_WORDS and word not in SPECIALS
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in tokenize(text) if is_content_word(w)}
+
+
 class Vocabulary:
     def __init__(self, words: Sequence[str]):
         if tuple(words[: len(SPECIALS)]) != SPECIALS:

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..config import CaptionerConfig
+from ..config import MAX_BEAM_SIZE, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
-from ..data.vocab import FUNCTION_WORDS, SPECIALS, Vocabulary
+from ..data.vocab import Vocabulary, is_content_word
 from ..decoding import Hypothesis, beam_search, greedy
+from .tags import CLASSIFIER_FILE, head_weights, load_head, tags_from_features
 
 if TYPE_CHECKING:
     from ..runtime import OnnxModel
@@ -54,17 +55,23 @@ class Caption:
     words: list[str]
     attention: list[list[float]]  # one row of GRID*GRID weights per word
 
+    def to_dict(self, logprob: bool = False) -> dict:
+        """The caption as the API, the gallery and `aicrl caption --json` give it."""
+        return {"text": self.text, "score": round(float(self.score), 4)} | (
+            {"logprob": round(float(self.logprob), 4)} if logprob else {})
+
 
 @dataclass
 class CaptionResult:
     captions: list[Caption]  # best first
     style: str
     timing_ms: dict[str, float] = field(default_factory=dict)
+    tags: list[dict] = field(default_factory=list)  # ImageNet labels, see model/tags.py
 
     def to_dict(self, attention: bool = False) -> dict:
-        caps = [{"text": c.text, "score": round(c.score, 4), "logprob": round(c.logprob, 4)}
-                | ({"words": c.words, "attention": c.attention} if attention else {}) for c in self.captions]
-        return {"captions": caps, "style": self.style, "timing_ms": self.timing_ms}
+        caps = [c.to_dict(logprob=True) | ({"words": c.words, "attention": c.attention} if attention else {})
+                for c in self.captions]
+        return {"captions": caps, "style": self.style, "tags": self.tags, "timing_ms": self.timing_ms}
 
 
 def _importable(name: str) -> bool:
@@ -94,7 +101,7 @@ class Captioner:
             raise ValueError("give either a torch decoder or an ONNX runtime")
         self.config, self.vocab, self.runtime = config, vocab, runtime
         self._decoder = decoder.eval() if decoder is not None else None
-        self.content_words = np.array([w not in FUNCTION_WORDS and w not in SPECIALS for w in vocab.itos])
+        self.content_words = np.array([is_content_word(w) for w in vocab.itos])
         self._encoder = encoder
         self._encoder_finetuned = False
         self.device = "cpu"  # where the torch modules run (ONNX Runtime runs on the CPU)
@@ -151,6 +158,13 @@ class Captioner:
     def styles(self) -> list[str]:
         return list(self.config.styles)
 
+    def classifier(self) -> "tuple[np.ndarray, np.ndarray] | None":
+        """The encoder's ImageNet head (weight, bias) for tags, or None where there is none."""
+        if not hasattr(self, "_classifier"):
+            self._classifier = (load_head(self.runtime.model_dir) if self.runtime is not None
+                                else head_weights(self.encoder))
+        return self._classifier
+
     def parameter_counts(self) -> dict[str, int | None]:
         """Parameters of the encoder trunk and the decoder (for the model card)."""
         if self.runtime is not None:
@@ -180,7 +194,7 @@ class Captioner:
                         for k, v in self.encoder.state_dict().items()
                         if v.is_floating_point() and self.encoder.in_last_stage(k)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        for name in [MANIFEST, *ONNX_FILES.values()]:  # an ONNX export of other weights is stale now
+        for name in [MANIFEST, *ONNX_FILES.values(), CLASSIFIER_FILE]:  # an export of other weights is stale now
             (path / name).unlink(missing_ok=True)
         if metrics is not None:
             (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -298,10 +312,12 @@ class Captioner:
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None) -> list[CaptionResult]:
         """Caption a batch of images (paths, bytes or PIL images). Raises ImageLoadError on a bad one."""
-        if not 1 <= beam_size <= 20:
-            raise ValueError("beam_size must be between 1 and 20")
+        if not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
         t0 = time.perf_counter()
         features = self.encode(images)
+        head = self.classifier()  # the tags come from the same features
+        tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
         t1 = time.perf_counter()
         hyps = self.decode(features, beam_size, n_best, style, max_length)
         t2 = time.perf_counter()
@@ -309,9 +325,9 @@ class Captioner:
                   "decode": round((t2 - t1) * 1000 / len(images), 1)}
         style = style or self.styles[0]
         results = []
-        for image_hyps in hyps:
+        for image_hyps, image_tags in zip(hyps, tags):
             captions = [Caption(self.vocab.decode(h.tokens), h.score, h.logprob, [self.vocab.itos[t] for t in h.tokens],
                                 [[round(float(a), 4) for a in row] for row in h.attention])
                         for h in image_hyps]
-            results.append(CaptionResult(captions, style, dict(timing)))
+            results.append(CaptionResult(captions, style, dict(timing), image_tags))
         return results

@@ -7,16 +7,19 @@ else torch). Inference runs off the event loop, in one worker thread that captio
 requests together, up to `max_batch` per model call (micro-batching, aicrl/serving/batching.py); at
 most `max_waiting` wait for the next batch, beyond that the server answers 503 at once instead of
 queueing without bound (and memory with it).
-Uploads are size-limited while they are read (`UploadLimitMiddleware`), images over
-`MAX_PIXELS` are refused before they are decoded, and every bad input is a 4xx JSON error
-`{"detail": "..."}` with nothing stored.
+Request bodies are size-limited while they are read (`BodyLimitMiddleware`), images over
+`MAX_PIXELS` are refused before they are decoded, every field is validated before anything is
+captioned or stored, and every bad input is a 4xx JSON error `{"detail": "..."}` with nothing stored.
+CPU work (the model, BLEU, database queries) runs off the event loop, so /healthz stays quick.
 
 API
     GET  /                      the page (static HTML/CSS/JS, no CDN)
     POST /api/captions          multipart: image (file), beam_size, n_best, style, references
-    GET  /api/search?q=words    gallery search (SQLite FTS5, bm25); no words: the latest images
+    GET  /api/search?q=words    gallery search of captions and tags (FTS5, bm25); no words: the latest
     GET  /api/images/{id}       a stored image (JPEG); /api/images/{id}/thumbnail its thumbnail
-    GET  /api/info              model card: architecture, styles, metrics.json, latency, limits
+    GET  /api/images/{id}/details   a gallery item: captions per style, tags, dates (JSON)
+    DELETE /api/images/{id}     remove a gallery item (files, row and search entry)
+    GET  /api/info              model card: summary, architecture, training, scores, limits, latency
     POST /api/bleu              {"candidate": "...", "references": ["...", ...]} -> BLEU-1..4
     GET  /healthz               liveness
     GET  /openapi.json          the OpenAPI schema (no interactive docs: they would need a CDN)
@@ -31,11 +34,10 @@ import statistics
 import threading
 import time
 from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
@@ -45,24 +47,27 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from ..data.images import MAX_PIXELS, ImageLoadError, ImageTooLargeError
+from ..data.vocab import tokenize
 from ..evaluation import sentence_bleu
+from ..config import MAX_BEAM_SIZE
 from ..model.captioner import GRID
 from .batching import MicroBatcher, ServerBusy
+from .card import VERSION, model_card
 from .gallery import ID_PATTERN, Gallery, open_image, sha256_bytes
 
 log = logging.getLogger(__name__)
 
-try:
-    _version = metadata.version("aicrl")
-except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    _version = "0+unknown"
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_BEAM = 10
+MAX_BEAM = MAX_BEAM_SIZE
 MAX_REFERENCES = 20
+MAX_REFERENCE_CHARS = 2000  # one reference caption (and the candidate)
+MAX_REFERENCES_TEXT = 20_000  # the references as one string, one per line
+MAX_JSON_BYTES = 64 * 1024  # /api/bleu: room for the longest valid request, with JSON escapes
 _FORM_OVERHEAD = 64 * 1024  # multipart boundaries and the small form fields around the image
 
 SECURITY_HEADERS = {
@@ -76,22 +81,37 @@ SECURITY_HEADERS = {
     "permissions-policy": "camera=(), microphone=(), geolocation=()",
 }
 
-LIMITATIONS = [
-    "Trained on Flickr8k: 8,000 everyday photos, mostly people and dogs outdoors. Other subjects "
-    "(food, objects, indoor scenes, space, drawings, text, medical images) get generic or wrong captions.",
-    "The vocabulary is only the words of its training captions; it cannot name anything it never read about.",
-    "The photo is squashed to 224x224 pixels, so small details are lost, and the attention map is a coarse "
-    "7x7 grid: it shows where the decoder looked, not a proof of why it chose a word.",
-    "Captions can repeat the biases of their human-written training captions (for example guessing "
-    "gender or age from appearance).",
-    "English only. BLEU against your reference captions counts shared words and phrases, not meaning.",
-]
-STYLE_LIMITATION = ("The styles other than factual were learnt from FlickrStyle7k (7,000 images with humorous "
-                    "and romantic captions): styled captions are less accurate and less fluent than factual ones, "
-                    "and often end in a stock phrase of their style (\"to impress his lover\", \"like a fish\").")
-
-
 ImageId = Annotated[str, PathParam(pattern=ID_PATTERN, description="gallery id: 32 hex digits")]
+
+
+class InferenceRunner:
+    """One worker thread for CPU work (the model; BLEU), with a bounded number of requests waiting
+    for it. One thread, not a pool: Python threads busy with CPU work hold the GIL in turns, and
+    the event loop would wait behind every one of them."""
+
+    def __init__(self, max_waiting: int = 4, name: str = "aicrl-inference"):
+        self.capacity = max_waiting + 1  # one running + max_waiting queued
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            if self._in_flight >= self.capacity:
+                raise ServerBusy()
+            self._in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 class LatencyStats:
@@ -135,23 +155,35 @@ class UploadTooLarge(HTTPException):
         super().__init__(413, f"The upload is larger than the limit of {limit // (1024 * 1024)} MB.")
 
 
-class UploadLimitMiddleware:
-    """For POST to the upload path: refuse a body over `max_bytes` (by Content-Length, and by
-    counting bytes as they arrive for chunked uploads), and a body that is not multipart/form-data."""
+class BodyTooLarge(HTTPException):
+    def __init__(self, detail: str):
+        super().__init__(413, detail)
 
-    def __init__(self, app, path: str, max_bytes: int, file_limit: int):
-        self.app, self.path, self.max_bytes, self.file_limit = app, path, max_bytes, file_limit
+
+class BodyLimit:
+    """What a POST to one path may send: a content type, and at most `max_bytes` of body."""
+
+    def __init__(self, max_bytes: int, content_type: str, wrong_type: str, too_large: str):
+        self.max_bytes, self.content_type, self.wrong_type, self.too_large = max_bytes, content_type, wrong_type, too_large
+
+
+class BodyLimitMiddleware:
+    """For POSTs to the paths of `limits`: refuse a body over its limit (by Content-Length before
+    reading anything, and by counting bytes as they arrive for chunked bodies) or of another type."""
+
+    def __init__(self, app, limits: dict[str, BodyLimit]):
+        self.app, self.limits = app, limits
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != self.path:
+        limit = self.limits.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if limit is None:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if not headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            return await _send_json(send, 415, "Send the image as multipart/form-data with the file in the "
-                                    "field 'image'.")
+        if not headers.get("content-type", "").lower().startswith(limit.content_type):
+            return await _send_json(send, 415, limit.wrong_type)
         length = headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await _send_json(send, 413, UploadTooLarge(self.file_limit).detail)
+        if length is not None and (not length.isdigit() or int(length) > limit.max_bytes):
+            return await _send_json(send, 413, limit.too_large)
         received = 0
 
         async def limited_receive():
@@ -159,8 +191,8 @@ class UploadLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise UploadTooLarge(self.file_limit)  # FastAPI turns it into the 413 response
+                if received > limit.max_bytes:
+                    raise BodyTooLarge(limit.too_large)  # FastAPI turns it into the 413 response
             return message
 
         await self.app(scope, limited_receive, send)
@@ -192,18 +224,28 @@ class SecurityHeadersMiddleware:
 
 
 class BleuRequest(BaseModel):
-    candidate: str = Field(max_length=2000, description="the caption to score")
-    references: list[Annotated[str, Field(max_length=2000)]] | str = Field(
-        description="reference captions: a list, or one string with one caption per line")
+    candidate: str = Field(max_length=MAX_REFERENCE_CHARS, description="the caption to score")
+    references: (Annotated[list[Annotated[str, Field(max_length=MAX_REFERENCE_CHARS)]],
+                           Field(max_length=MAX_REFERENCES * 5)]
+                 | Annotated[str, Field(max_length=MAX_REFERENCES_TEXT)]) = Field(
+        description=f"reference captions: a list, or one string with one caption per line; at most "
+                    f"{MAX_REFERENCES} non-empty ones of at most {MAX_REFERENCE_CHARS} characters each")
 
 
 def _references(value: list[str] | str | None) -> list[str]:
+    """The reference captions that have words: 422 when there are too many, or when some were
+    given but none has a word (checked before anything is captioned or stored)."""
     if value is None:
         return []
     lines = value.splitlines() if isinstance(value, str) else value
-    refs = [line.strip() for line in lines if line and line.strip()]
-    if len(refs) > MAX_REFERENCES:
+    given = [line.strip() for line in lines if line and line.strip()]
+    if len(given) > MAX_REFERENCES:
         raise HTTPException(422, f"Give at most {MAX_REFERENCES} reference captions.")
+    if any(len(line) > MAX_REFERENCE_CHARS for line in given):
+        raise HTTPException(422, f"A reference caption can have at most {MAX_REFERENCE_CHARS} characters.")
+    refs = [line for line in given if tokenize(line)]
+    if given and not refs:
+        raise HTTPException(422, "references: give at least one reference caption with words in it.")
     return refs
 
 
@@ -212,56 +254,6 @@ def _bleu(candidate: str, refs: list[str]) -> dict[str, float]:
         return {k: round(v, 4) for k, v in sentence_bleu(candidate, refs).items()}
     except ValueError as e:
         raise HTTPException(422, f"references: {e}") from e
-
-
-def model_card(captioner, model_dir: Path | None) -> dict:
-    """What the Info tab shows, from the model's config, metrics.json and COMMAND.txt."""
-    cfg = captioner.config
-    metrics: dict = {}
-    command = None
-    if model_dir is not None:
-        metrics_file = model_dir / "metrics.json"
-        if metrics_file.is_file():
-            try:
-                metrics = json.loads(metrics_file.read_text())
-            except (OSError, ValueError) as e:
-                log.warning("cannot read %s: %s", metrics_file, e)
-        command_file = model_dir / "COMMAND.txt"
-        if command_file.is_file():
-            command = command_file.read_text().strip()[:4000]
-    styles = list(captioner.styles)
-    try:
-        params = captioner.parameter_counts()
-    except Exception:  # noqa: BLE001  (a stand-in captioner in tests)
-        params = {}
-    training = ("Flickr8k (8,000 photos, 5 captions each; 6,000 for training)"
-                + ("; styles from FlickrStyle7k (humorous and romantic captions)" if len(styles) > 1 else ""))
-    return {
-        "name": "AICRL image captioner",
-        "version": _version,
-        "backend": getattr(captioner, "backend", "torch"),
-        "model": model_dir.name if model_dir else None,
-        "architecture": {
-            "summary": "CNN encoder (ImageNet-pretrained) + LSTM decoder with soft attention over a "
-                       f"{GRID}x{GRID} grid of image regions (Show, Attend and Tell); beam search decoding.",
-            "encoder": cfg.encoder,
-            "encoder_features": f"{GRID}x{GRID}x{cfg.feature_dim}",
-            "encoder_fine_tuned": bool(getattr(captioner, "encoder_finetuned", False)),
-            "encoder_parameters": params.get("encoder"),
-            "decoder": f"attention LSTM: embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}, "
-                       f"attention {cfg.attention_dim}, deep output layer, gated context",
-            "decoder_parameters": params.get("decoder"),
-            "vocabulary": len(captioner.vocab) if hasattr(captioner, "vocab") else cfg.vocab_size,
-            "max_caption_words": cfg.max_length,
-        },
-        "training_data": metrics.get("dataset") if isinstance(metrics.get("dataset"), str) else training,
-        "styles": styles,
-        "default_style": styles[0],
-        "metrics": metrics,
-        "command": command,
-        "config": asdict(cfg),
-        "limitations": LIMITATIONS + ([STYLE_LIMITATION] if len(styles) > 1 else []),
-    }
 
 
 def _clean_validation_errors(errors: list[dict]) -> tuple[str, list[dict]]:
@@ -280,31 +272,35 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
                warmup: bool = False, backend: str = "auto", max_batch: int = 16,
                batch_wait_ms: float = 5.0, device: str = "auto") -> FastAPI:
     """Build the app. `captioner` (already loaded) wins over `model_dir`; with neither, the shipped
-    model is loaded on `backend` (auto: ONNX Runtime when the folder has an export). `warmup` runs
-    the model on a synthetic image at start (the first real request is then as fast as the next ones,
-    and the Info tab has a latency from the start). Up to `max_batch` concurrent requests are
-    captioned in one model call, gathered for at most `batch_wait_ms`. `device` places a torch model (see devices.resolve_device)."""
+    model is loaded on `backend` (auto: ONNX Runtime when the folder has an export) and `device`
+    (torch only). `warmup` runs the model on a synthetic image at start (the first real request is
+    then as fast as the next ones, and the Info tab has a latency from the start). Up to `max_batch`
+    concurrent requests are captioned in one model call, gathered for at most `batch_wait_ms`."""
     from ..model.captioner import Captioner, default_model_dir
 
     model_dir = Path(model_dir) if model_dir else (None if captioner is not None else default_model_dir())
     if captioner is None:
         captioner = Captioner.from_pretrained(model_dir, backend=backend, device=device)
     gallery = Gallery(db_path)
+    scorer = InferenceRunner(max_waiting=16, name="aicrl-bleu")
     stats = LatencyStats()
     card = model_card(captioner, model_dir)
     index_html = (STATIC_DIR / "index.html").read_bytes()
 
     def caption_image(data: bytes, beam_size: int, n_best: int, style: str, store: bool,
-                      measure: bool = True) -> dict:
-        """Runs in the worker thread: validate, caption, store."""
-        return caption_batch([(data, beam_size, n_best, style, store, measure)])[0]
+                      measure: bool = True, refs: list[str] | None = None) -> dict:
+        """Runs in the worker thread: validate, caption, store (and BLEU against `refs`)."""
+        out = caption_batch([(data, beam_size, n_best, style, store, measure, refs)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def caption_batch(jobs: list[tuple]) -> list:
-        """Runs in the worker thread: a dict per job (data, beam_size, n_best, style, store, measure),
-        or the ImageLoadError of its image. Jobs with the same beam size and style share one call."""
+        """Runs in the worker thread: per job (data, beam_size, n_best, style, store, measure, refs) a
+        dict, or the ImageLoadError of its image. Jobs with the same beam size and style share one call."""
         out: list = [None] * len(jobs)
         images, groups = {}, defaultdict(list)
-        for i, (data, beam_size, _, style, _, _) in enumerate(jobs):
+        for i, (data, beam_size, _, style, *_rest) in enumerate(jobs):
             try:
                 images[i] = open_image(data)  # raises ImageLoadError before anything is stored
                 groups[beam_size, style].append(i)
@@ -330,17 +326,18 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         return out
 
     def _finish(job: tuple, image, result) -> dict:
-        data, _, n_best, _, store, measure = job
+        data, _, n_best, _, store, measure, refs = job
         timing = dict(result.timing_ms)
         timing["model"] = round(timing.get("encode", 0.0) + timing.get("decode", 0.0), 1)
         if measure:
             stats.add(timing)
-        captions = [{"text": c.text, "score": round(float(c.score), 4)} for c in result.captions[:n_best]]
-        record = gallery.add(image, captions, result.style, sha256_bytes(data)) if store else None
+        captions = [c.to_dict() for c in result.captions[:n_best]]
         best = result.captions[0]
-        return {"record": record, "captions": captions, "style": result.style, "timing": timing,
-                "attention": {"words": list(best.words), "weights": [list(r) for r in best.attention],
-                              "grid": GRID}}
+        attention = {"words": list(best.words), "weights": [list(r) for r in best.attention], "grid": GRID}
+        record = (gallery.add(image, captions, result.style, sha256_bytes(data), tags=result.tags,
+                              attention=attention) if store else None)
+        return {"record": record, "captions": captions, "style": result.style, "tags": result.tags,
+                "timing": timing, "attention": attention, "bleu": _bleu(best.text, refs) if refs else None}
 
     runner = MicroBatcher(caption_batch, max_batch=max_batch, max_wait_ms=batch_wait_ms, max_waiting=max_waiting)
 
@@ -354,8 +351,9 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
     async def lifespan(app: FastAPI):
         yield
         runner.shutdown()
+        scorer.shutdown()
 
-    app = FastAPI(title="AICRL", version=_version, docs_url=None, redoc_url=None, lifespan=lifespan,
+    app = FastAPI(title="AICRL", version=VERSION, docs_url=None, redoc_url=None, lifespan=lifespan,
                   description="Image captioning with an attention LSTM decoder: caption photos, "
                               "search the gallery of captioned photos, score captions with BLEU.")
     app.state.captioner, app.state.gallery, app.state.runner, app.state.stats = captioner, gallery, runner, stats
@@ -378,19 +376,22 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
     async def healthz() -> dict:
         return {"status": "ok", "model": card["model"], "queue": runner.in_flight}
 
-    @app.get("/api/info", tags=["meta"], summary="Model card: architecture, styles, metrics, latency, limits")
+    @app.get("/api/info", tags=["meta"], summary="Model card: summary, architecture, training data, scores, "
+             "limitations, latency, limits")
     async def info() -> dict:
         return card | {"latency": stats.summary() | {"batches": runner.batches, "largest_batch": runner.largest_batch},
-                       "gallery_images": gallery.count(),
+                       "gallery_images": await run_in_threadpool(gallery.count),
                        "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
                                   "max_beam_size": MAX_BEAM, "max_references": MAX_REFERENCES,
-                                  "max_batch": max_batch, "max_waiting": max_waiting}}
+                                  "max_reference_chars": MAX_REFERENCE_CHARS, "max_batch": max_batch,
+                                  "max_waiting": max_waiting}}
 
     @app.post("/api/captions", tags=["captions"], summary="Caption an image (and keep it in the gallery)",
               responses={400: {"description": "not a readable image"}, 413: {"description": "too large"},
                          415: {"description": "not an image upload"}, 422: {"description": "bad parameters"},
                          503: {"description": "server busy"}})
     async def create_captions(
+        request: Request,
         image: Annotated[UploadFile, File(description="the photo: JPEG, PNG, GIF, WebP, BMP or TIFF, "
                                                       "at most 20 MB")],
         beam_size: Annotated[int, Form(ge=1, le=MAX_BEAM, description="beam width k")] = 3,
@@ -398,10 +399,15 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
                                            description="captions to return, at most beam_size (default: all k)")] = None,
         style: Annotated[str | None, Form(max_length=64, description="caption style (see /api/info); "
                                                                      "default the model's first, factual")] = None,
-        references: Annotated[str | None, Form(max_length=20000,
+        references: Annotated[str | None, Form(max_length=MAX_REFERENCES_TEXT,
                                                description="reference captions, one per line: adds BLEU")] = None,
     ) -> JSONResponse:
+        # Every field is checked here, before the image is captioned or stored.
         started = time.perf_counter()
+        form = await request.form()  # already parsed for the parameters above: no second read
+        repeated = sorted({key for key in form.keys() if len(form.getlist(key)) > 1})
+        if repeated:
+            raise HTTPException(422, f"Send each field once; repeated: {', '.join(repeated)}.")
         n_best = beam_size if n_best is None else n_best
         if n_best > beam_size:
             raise HTTPException(422, f"n_best ({n_best}) cannot be larger than beam_size ({beam_size}).")
@@ -419,7 +425,7 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         if not data:
             raise HTTPException(400, "The uploaded file is empty.")
         try:
-            out = await runner.submit((data, beam_size, n_best, style, True, True))
+            out = await runner.submit((data, beam_size, n_best, style, True, True, refs))
         except ServerBusy:
             return _error(503, "The server is busy captioning other images; try again in a few seconds.",
                           {"retry-after": "5"})
@@ -427,22 +433,29 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
             raise HTTPException(413, f"Cannot use this image: {e}.") from e
         except ImageLoadError as e:
             raise HTTPException(400, f"Cannot read this image: {e}.") from e
-        best = out["captions"][0]["text"] if out["captions"] else ""
-        timing = out["timing"] | {"server": round((time.perf_counter() - started) * 1000, 1)}
-        body = {"id": out["record"]["id"], "image_url": out["record"]["image_url"],
-                "thumbnail_url": out["record"]["thumbnail_url"], "created": out["record"]["created"],
-                "style": out["style"], "beam_size": beam_size, "captions": out["captions"],
-                "attention": out["attention"], "timing_ms": timing}
-        if refs:
-            body["bleu"] = _bleu(best, refs)
+        record = out["record"]
+        body = {"id": record["id"], "image_url": record["image_url"], "thumbnail_url": record["thumbnail_url"],
+                "created": record["created"], "style": out["style"], "beam_size": beam_size,
+                "captions": out["captions"], "tags": out["tags"], "attention": out["attention"]}
+        if out["bleu"] is not None:
+            body["bleu"] = out["bleu"]
+        body["timing_ms"] = out["timing"] | {"server": round((time.perf_counter() - started) * 1000, 1)}
         return JSONResponse(body)
 
-    @app.post("/api/bleu", tags=["captions"], summary="BLEU-1..4 of a caption against reference captions")
+    @app.post("/api/bleu", tags=["captions"], summary="BLEU-1..4 of a caption against reference captions",
+              responses={413: {"description": "body over 64 KiB"}, 415: {"description": "not JSON"},
+                         422: {"description": "bad fields"}, 503: {"description": "server busy"}})
     async def bleu(request: BleuRequest) -> dict:
         refs = _references(request.references)
-        return {"candidate": request.candidate, "references": refs, "bleu": _bleu(request.candidate, refs)}
+        # Scoring is CPU work: off the event loop. The inputs are not echoed back.
+        try:
+            scores = await scorer.run(_bleu, request.candidate, refs)
+        except ServerBusy:
+            return _error(503, "The server is busy scoring other captions; try again in a few seconds.",
+                          {"retry-after": "2"})
+        return {"bleu": scores, "references_used": len(refs)}
 
-    @app.get("/api/search", tags=["gallery"], summary="Search the gallery's captions (FTS5, bm25)")
+    @app.get("/api/search", tags=["gallery"], summary="Search the gallery's captions and tags (FTS5, bm25)")
     async def search(q: Annotated[str, Query(max_length=200, description="words; empty: the latest images")] = "",
                      limit: Annotated[int, Query(ge=1, le=100)] = 24,
                      offset: Annotated[int, Query(ge=0, le=100_000)] = 0) -> dict:
@@ -459,9 +472,29 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
     async def get_thumbnail(image_id: ImageId):
         return _image_file(gallery.thumbnail_path(image_id))
 
+    @app.get("/api/images/{image_id}/details", tags=["gallery"],
+             summary="A gallery item: its captions per style (with the best one's attention), tags, dates")
+    async def get_details(image_id: ImageId) -> dict:
+        record = await run_in_threadpool(gallery.get, image_id, True)
+        if record is None:
+            raise HTTPException(404, "No image with this id.")
+        return record
+
+    @app.delete("/api/images/{image_id}", tags=["gallery"], status_code=204,
+                summary="Remove a gallery item: its image files, its row and its search entry")
+    async def delete_image(image_id: ImageId) -> Response:
+        if not await run_in_threadpool(gallery.delete, image_id):
+            raise HTTPException(404, "No image with this id.")
+        return Response(status_code=204)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(UploadLimitMiddleware, path="/api/captions", max_bytes=max_upload_bytes + _FORM_OVERHEAD,
-                       file_limit=max_upload_bytes)
+    app.add_middleware(BodyLimitMiddleware, limits={
+        "/api/captions": BodyLimit(max_upload_bytes + _FORM_OVERHEAD, "multipart/form-data",
+                                   "Send the image as multipart/form-data with the file in the field 'image'.",
+                                   UploadTooLarge(max_upload_bytes).detail),
+        "/api/bleu": BodyLimit(MAX_JSON_BYTES, "application/json", "Send the request as application/json.",
+                               f"The request is larger than the limit of {MAX_JSON_BYTES // 1024} KiB."),
+    })
     app.add_middleware(SecurityHeadersMiddleware)
     return app
 

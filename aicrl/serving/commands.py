@@ -1,12 +1,14 @@
 """The `aicrl serve` and `aicrl index` subcommands (registered by aicrl/cli.py)."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 import time
 from pathlib import Path
 
+from ..config import MAX_BEAM_SIZE
 from ..data.images import image_files
 from ..devices import add_device_option
 
@@ -22,6 +24,17 @@ def add_backend(p, default: str = "auto") -> None:
                         "files) or on torch; auto: ONNX when the model folder has them" + f" (default {default})")
 
 
+def beam_size_arg(text: str) -> int:
+    """argparse type of beam widths: the one limit the page, the API and the commands share."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= MAX_BEAM_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_BEAM_SIZE}, not {value}")
+    return value
+
+
 def add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="run the web app: caption photos in the browser, search the gallery",
@@ -32,7 +45,7 @@ def add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this computer only; 0.0.0.0 opens it to "
                         "your network, and with it the gallery)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
                    help=f"gallery database; images go in an 'images' folder beside it (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
@@ -76,14 +89,15 @@ def add_index(sub) -> None:
     p = sub.add_parser(
         "index", help="caption every image of a folder into the gallery",
         description="Caption every image file of FOLDER (.jpg .jpeg .png .gif .webp .bmp .tif .tiff) and "
-        "store it in the gallery that `aicrl serve` searches. Files already in the gallery (same "
-        "content, by SHA-256) are skipped, so rerunning only adds new photos. Unreadable files are "
+        "store it in the gallery that `aicrl serve` searches, with its ImageNet tags. Files already in "
+        "the gallery with captions in this style (same content, by SHA-256) are skipped, so rerunning only "
+        "adds new photos; another --style adds that style's captions to the same gallery items. Unreadable files are "
         "reported and skipped. Progress goes to stderr; a JSON summary to stdout.")
-    p.add_argument("folder", help="folder of images")
+    p.add_argument("folder", help="folder of images to caption")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"gallery database (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
     p.add_argument("--recursive", "-r", action="store_true", help="also index images in subfolders")
-    p.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
+    p.add_argument("--beam-size", type=beam_size_arg, default=3, metavar="K", help="beam width, 1 to 10 (default 3)")
     p.add_argument("--style", help="caption style (default: the model's first, factual)")
     add_backend(p)
     add_device_option(p)
@@ -125,7 +139,7 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
                 raise ImageLoadError(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
             data = path.read_bytes()
             digest = sha256_bytes(data)
-            if digest in seen or gallery.has_sha256(digest):
+            if digest in seen or gallery.has_caption(digest, style):
                 summary["skipped_duplicates"] += 1
                 continue
             image = open_image(data)
@@ -134,8 +148,8 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
             summary["unreadable"].append({"file": name, "error": str(e)})
             bar.write(f"skipping {name}: {e}", file=sys.stderr)
             continue
-        captions = [{"text": c.text, "score": c.score} for c in result.captions]
-        gallery.add(image, captions, result.style, digest, source=name)
+        gallery.add(image, [c.to_dict() for c in result.captions], result.style, digest, source=name,
+                    tags=result.tags)
         seen.add(digest)
         summary["indexed"] += 1
     bar.close()

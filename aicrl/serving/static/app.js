@@ -148,6 +148,23 @@
     $("pick-again").hidden = false;
     $("captionize").disabled = false;
     setStatus(status, "Ready: press Captionize.");
+    $("captionize").focus(); // the next step, for keyboard and screen reader users
+  }
+
+  // The browser could not show the chosen file: not an image (or a broken one). TIFF is the
+  // exception: the server reads it, browsers do not show it.
+  function previewFailed() {
+    const file = state.file;
+    if (!file || !state.url) return;
+    if (/tiff?$/i.test(file.type) || /\.tiff?$/i.test(file.name || "")) {
+      $("preview-figure").hidden = true;
+      $("placeholder").hidden = false;
+      setStatus($("status"), `"${file.name}" is a TIFF: no preview in the browser, but it can be captioned.`);
+      return;
+    }
+    const name = file.name || "This file";
+    refresh(false);
+    setStatus($("status"), `"${name}" is not an image this page can read. Choose a photo (JPEG, PNG, GIF, WebP, BMP).`, true);
   }
 
   function setupInput() {
@@ -205,7 +222,7 @@
     }
     const k = beamSize();
     if (k === null) {
-      setStatus(status, "Beam size must be a whole number from 1 to 10.", true);
+      setStatus(status, `Beam size must be a whole number from 1 to ${$("beam").max}.`, true);
       $("beam").focus();
       return;
     }
@@ -225,6 +242,10 @@
     try {
       const result = await api("/api/captions", { method: "POST", body: form });
       showResult(result);
+      // On a phone the caption is below the photo: bring it into view, and move focus to it.
+      const label = $("result-label");
+      label.scrollIntoView({ block: "start" });
+      label.focus({ preventScroll: true });
       const t = result.timing_ms || {};
       setStatus(status, `Done in ${formatNumber(t.server ?? 0)} ms (encoder ${formatNumber(t.encode ?? 0)} ms, ` +
         `decoder ${formatNumber(t.decode ?? 0)} ms).`);
@@ -270,8 +291,9 @@
     });
 
     area.replaceChildren(
-      el("p", { class: "label" }, `Best caption (${result.style})`),
+      el("p", { class: "label", id: "result-label", tabindex: "-1" }, `Best caption (${result.style})`),
       caption,
+      tagList(result.tags),
       el("p", { class: "small muted" }, words.length
         ? "Hover, focus or click a word to see where the model looked."
         : ""),
@@ -285,6 +307,14 @@
     drawAttention(null);
     if (result.bleu) showBleu(result.bleu);
     else $("bleu").replaceChildren();
+  }
+
+  // The encoder's ImageNet labels: they can name what the captions cannot.
+  function tagList(tags) {
+    if (!tags || !tags.length) return null;
+    return el("ul", { class: "tags", "aria-label": "Tags (ImageNet labels with their probability)" },
+      ...tags.map((t) => el("li", { class: "tag", title: `probability ${formatNumber(t.probability)}` },
+        el("span", { text: t.label }), el("span", { class: "tag-p", text: ` ${Math.round(t.probability * 100)}%` }))));
   }
 
   function clearResult() {
@@ -331,11 +361,13 @@
       return;
     }
     state.shown = index;
-    const img = $("preview");
+    paintHeatmap(canvas, $("preview"), att.weights[index], att.grid || 7);
+    label.textContent = `Attention for "${att.words[index]}": brighter is where the model looked.`;
+  }
+
+  function paintHeatmap(canvas, img, weights, grid) {
     const width = Math.max(1, Math.round(img.clientWidth));
     const height = Math.max(1, Math.round(img.clientHeight));
-    const grid = att.grid || 7;
-    const weights = att.weights[index];
     const max = Math.max(...weights) || 1;
 
     // 7x7 cells -> a tiny canvas -> scaled up with smoothing (bilinear upsampling).
@@ -359,7 +391,6 @@
     ctx.imageSmoothingQuality = "high";
     ctx.drawImage(small, 0, 0, width, height);
     canvas.hidden = false;
-    label.textContent = `Attention for "${att.words[index]}": brighter is where the model looked.`;
   }
 
   function redrawAttention() {
@@ -391,7 +422,7 @@
     setStatus($("status"), "Alt text copied.");
   }
 
-  function refresh() {
+  function refresh(focus = true) {
     if (state.url) URL.revokeObjectURL(state.url);
     state.url = null;
     state.file = null;
@@ -407,7 +438,7 @@
     if ("speechSynthesis" in window) window.speechSynthesis.cancel();
     clearResult();
     setStatus($("status"), "");
-    $("pick").focus();
+    if (focus) $("pick").focus();
   }
 
   // ---------- BLEU ----------
@@ -471,18 +502,115 @@
     }
   }
 
+  function formatDate(iso) {
+    const date = new Date(iso);
+    return Number.isNaN(date.getTime()) ? String(iso) : date.toLocaleString();
+  }
+
   function resultItem(item) {
     const best = item.captions[0] ? item.captions[0].text : "";
-    const created = new Date(item.created);
     const img = el("img", { src: item.thumbnail_url, alt: best || "A captioned image", loading: "lazy" });
     const others = item.captions.slice(1, 3).map((c) => c.text).filter(Boolean);
-    return el("li", { class: "gallery-item" },
-      el("figure", {},
-        el("a", { href: item.image_url, target: "_blank", rel: "noopener", "aria-label": `Open the image: ${best}` }, img),
+    const open = el("button", { type: "button", class: "thumb", "aria-label": `Details: ${best}` }, img);
+    open.addEventListener("click", () => openDetail(item.id, open));
+    const remove = el("button", { type: "button", class: "secondary delete", text: "Delete",
+      "aria-label": `Delete from the gallery: ${best}` });
+    remove.addEventListener("click", () => deleteItem(item.id, remove));
+    const tags = (item.tags || []).map((t) => t.label).join(", ");
+    return el("li", { class: "gallery-item", "data-id": item.id },
+      el("figure", {}, open,
         el("figcaption", {},
           el("span", { class: "gallery-caption", text: best || "(empty caption)" }),
           others.length ? el("span", { class: "small muted others", text: `Also: ${others.join(" / ")}` }) : null,
-          el("span", { class: "small muted", text: `${item.style} - ${Number.isNaN(created.getTime()) ? item.created : created.toLocaleString()}` }))));
+          tags ? el("span", { class: "small muted gallery-tags", text: `Tags: ${tags}` }) : null,
+          el("span", { class: "small muted", text: `${Object.keys(item.styles || {}).join(", ") || item.style} - ${formatDate(item.updated || item.created)}` }))),
+      remove);
+  }
+
+  async function deleteItem(id, button) {
+    if (!window.confirm("Delete this photo and its captions from the gallery?")) return;
+    try {
+      await api(`/api/images/${encodeURIComponent(id)}`, { method: "DELETE" });
+    } catch (err) {
+      setStatus($("search-status"), err.message, true);
+      return;
+    }
+    const item = button.closest(".gallery-item");
+    const next = item && (item.nextElementSibling || item.previousElementSibling);
+    if (item) item.remove();
+    if ($("detail").open) $("detail").close();
+    setStatus($("search-status"), "Deleted from the gallery.");
+    // Keep the keyboard user in the list: the neighbour's Delete button, else the search field.
+    (next ? next.querySelector(".thumb") : $("q")).focus();
+  }
+
+  // ---------- detail view of a gallery photo ----------
+
+  let detailShown = null; // {attention, img, canvas, label} of the style whose words are shown
+
+  async function openDetail(id, opener) {
+    const dialog = $("detail");
+    let item;
+    try {
+      item = await api(`/api/images/${encodeURIComponent(id)}/details`);
+    } catch (err) {
+      setStatus($("search-status"), err.message, true);
+      return;
+    }
+    const best = item.captions[0] ? item.captions[0].text : "";
+    const img = el("img", { id: "detail-image", src: item.image_url, alt: best || "A captioned photo" });
+    const canvas = el("canvas", { class: "heatmap", hidden: true, "aria-hidden": "true" });
+    const label = el("p", { class: "small", "aria-live": "polite" });
+    detailShown = null;
+    const styles = Object.entries(item.styles || {});
+    const sections = styles.map(([style, entry]) => {
+      const att = entry.attention;
+      const first = entry.captions[0] ? entry.captions[0].text : "";
+      let caption;
+      if (att && att.words && att.words.length) {
+        caption = el("p", { class: "best-caption detail-caption", lang: "en" });
+        att.words.forEach((word, i) => {
+          if (i) caption.append(" ");
+          const show = () => {
+            detailShown = { att, img, canvas, label, index: i };
+            paintHeatmap(canvas, img, att.weights[i], att.grid || 7);
+            label.textContent = `Attention for "${word}" (${style}).`;
+          };
+          const hide = () => { canvas.hidden = true; label.textContent = ""; detailShown = null; };
+          const button = el("button", { type: "button", class: "word", text: word, title: "Show where the model looked" });
+          button.addEventListener("mouseenter", show);
+          button.addEventListener("focus", show);
+          button.addEventListener("mouseleave", hide);
+          button.addEventListener("blur", hide);
+          caption.append(button);
+        });
+      } else {
+        caption = el("p", { class: "best-caption detail-caption", lang: "en", text: first || "(empty caption)" });
+      }
+      return el("section", { class: "detail-style" },
+        el("h3", { text: `${style} - ${formatDate(entry.created)}` }), caption,
+        el("ol", { class: "candidates" }, ...entry.captions.slice(1).map((c) =>
+          el("li", {}, el("span", { class: "candidate-text", text: c.text }),
+            el("span", { class: "score", text: `score ${formatNumber(c.score)}` })))));
+    });
+    const close = el("button", { type: "button", class: "secondary", id: "detail-close", text: "Close" });
+    close.addEventListener("click", () => dialog.close());
+    const remove = el("button", { type: "button", class: "secondary delete", text: "Delete" });
+    remove.addEventListener("click", () => deleteItem(item.id, opener));
+    dialog.replaceChildren(
+      el("div", { class: "detail-head" }, el("h2", { id: "detail-title", text: "Gallery photo" }), close),
+      el("div", { class: "detail-grid" },
+        el("div", {}, el("div", { class: "preview-wrap" }, img, canvas), label),
+        el("div", {},
+          tagList(item.tags),
+          ...sections,
+          el("p", { class: "small muted", text: `Added ${formatDate(item.created)}; last captioned ` +
+            `${formatDate(item.updated)}. ${item.width}x${item.height} pixels${item.source ? `, from ${item.source}` : ""}.` }),
+          el("div", { class: "actions" },
+            el("a", { href: item.image_url, target: "_blank", rel: "noopener", text: "Open the full image" }), remove))));
+    dialog.addEventListener("close", () => { if (opener && opener.isConnected) opener.focus(); }, { once: true });
+    dialog.showModal();
+    close.focus();
   }
 
   // ---------- Info tab ----------
@@ -516,15 +644,21 @@
     const a = info.architecture || {};
     const lat = info.latency || {};
     const metrics = info.metrics || {};
+    const data = info.training_data || {};
     const latency = lat.count
       ? `Median over the last ${lat.count} caption${lat.count === 1 ? "" : "s"} on this server: ` +
         `${formatNumber(lat.model_ms_median ?? 0)} ms per image (encoder ${formatNumber(lat.encode_ms_median ?? 0)} ms, ` +
-        `decoder ${formatNumber(lat.decode_ms_median ?? 0)} ms), CPU.`
+        `decoder ${formatNumber(lat.decode_ms_median ?? 0)} ms).`
       : "Not measured yet: caption a photo and look again.";
+    const details = (title, id, ...content) => el("details", { class: "info-more", id },
+      el("summary", { text: title }), ...content);
     $("info").replaceChildren(
       el("h2", { text: `Model card: ${info.name}` }),
-      el("p", { text: a.summary || "" }),
-      section("Architecture", valueNode({
+      // Short and readable first; the raw facts are folded below.
+      el("div", { id: "card-summary", class: "card-summary" }, ...(info.summary || []).map((t) => el("p", { text: t }))),
+      section("Limitations", el("ul", { id: "limitations" }, ...(info.limitations || []).map((t) => el("li", { text: t })))),
+      section("Speed", el("p", { id: "latency", text: latency })),
+      details("Architecture", "info-architecture", el("div", { class: "table-scroll" }, valueNode({
         encoder: `${a.encoder} (ImageNet-pretrained${a.encoder_fine_tuned ? ", last stage fine-tuned" : ", frozen"})`,
         "encoder features": a.encoder_features,
         "encoder parameters": a.encoder_parameters,
@@ -533,14 +667,14 @@
         vocabulary: a.vocabulary === undefined ? undefined : `${formatNumber(a.vocabulary)} words`,
         "longest caption": a.max_caption_words === undefined ? undefined : `${a.max_caption_words} words`,
         styles: (info.styles || []).join(", "),
-      })),
-      section("Training data", el("p", { text: info.training_data || "-" })),
-      section("Evaluation metrics", Object.keys(metrics).length
-        ? el("div", { id: "metrics" }, valueNode(metrics))
+        "training data": data.description,
+        "style data": data.style_data,
+        backend: info.runtime || info.backend,
+      }))),
+      details("All evaluation metrics (metrics.json)", "info-metrics", Object.keys(metrics).length
+        ? el("div", { id: "metrics", class: "table-scroll" }, valueNode(metrics))
         : el("p", { id: "metrics", class: "muted", text: "This model folder has no metrics.json." })),
-      section("Latency", el("p", { id: "latency", text: latency })),
-      section("Limitations", el("ul", {}, ...(info.limitations || []).map((t) => el("li", { text: t })))),
-      info.command ? section("How it was made", el("pre", { class: "command", text: info.command })) : null,
+      info.command ? details("How it was made (COMMAND.txt)", "info-command", el("pre", { class: "command", text: info.command })) : null,
       section("This server", el("p", { text: `${formatNumber(info.gallery_images ?? 0)} images in the gallery. ` +
         `Uploads up to ${formatBytes(info.limits.max_upload_bytes)} and ${formatNumber(info.limits.max_pixels)} pixels. ` +
         `Version ${info.version}. API schema: ` }, el("a", { href: "/openapi.json", text: "/openapi.json" }))),
@@ -585,6 +719,10 @@
       runSearch($("q").value.trim());
     });
     $("preview").addEventListener("load", redrawAttention);
+    $("preview").addEventListener("error", previewFailed);
+    window.addEventListener("resize", () => {
+      if (detailShown) paintHeatmap(detailShown.canvas, detailShown.img, detailShown.att.weights[detailShown.index], detailShown.att.grid || 7);
+    });
     window.addEventListener("resize", redrawAttention);
     if (!("speechSynthesis" in window)) $("speak").disabled = true;
     if ($("panel-info").hidden) loadInfo();

@@ -1,0 +1,190 @@
+"""The model card the Info tab shows, read from the model folder: config.json, metrics.json and
+COMMAND.txt (the commands that made the model). Nothing here knows which data a model was trained
+on: that comes from the folder, so a model trained on COCO is described as such.
+
+    model_card(captioner, model_dir) -> dict   {"summary": [...], "scores": {...}, ...}
+
+The summary is a few plain sentences (what the model is, what it learnt from, how well it does,
+what it cannot do, what serves it); the raw facts follow for those who want them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import shlex
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+from ..data.datasets import DATASET_DESCRIPTIONS
+
+log = logging.getLogger(__name__)
+
+GENERAL_LIMITATIONS = [
+    "The vocabulary is only the words of its training captions; it cannot name anything it never read about "
+    "(the tags can: they come from the encoder's ImageNet classifier, 1,000 object classes and no people).",
+    "The photo is squashed to 224x224 pixels, so small details are lost, and the attention map is a coarse "
+    "grid: it shows where the decoder looked, not a proof of why it chose a word.",
+    "Captions can repeat the biases of their human-written training captions (for example guessing "
+    "gender or age from appearance).",
+    "English only. BLEU against your reference captions counts shared words and phrases, not meaning.",
+]
+# The metrics shown in the summary, in this order, where metrics.json has them.
+HEADLINE = ("BLEU-4", "METEOR", "CIDEr")
+
+try:
+    VERSION = metadata.version("aicrl")
+except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+    VERSION = "0+unknown"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as e:
+        log.warning("cannot read %s: %s", path, e)
+        return {}
+
+
+def training_command(command: str | None) -> argparse.Namespace | None:
+    """The `aicrl train` line of COMMAND.txt, parsed with the command line's own parser."""
+    from ..cli import build_parser
+
+    for line in (command or "").splitlines():
+        line = line.strip()
+        if not line.startswith("aicrl train "):
+            continue
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its complaints
+                args, _ = build_parser().parse_known_args(shlex.split(line)[1:])
+        except (SystemExit, ValueError):  # a line the parser does not accept
+            continue
+        return args
+    return None
+
+
+def training_data(metrics: dict, command: str | None, styles: list[str]) -> dict:
+    """{"dataset", "description", "style_data"} from metrics.json ("dataset", "style_data") or,
+    failing that, from the training command."""
+    train = training_command(command)
+    dataset = metrics.get("dataset") if isinstance(metrics.get("dataset"), str) else None
+    if dataset is None and train is not None:
+        dataset = train.dataset
+    style_data = metrics.get("style_data") if isinstance(metrics.get("style_data"), str) else None
+    if style_data is None and train is not None and getattr(train, "style_file", "") and len(styles) > 1:
+        style_data = Path(train.style_file).stem
+    return {"dataset": dataset, "description": DATASET_DESCRIPTIONS.get(dataset or "", dataset or "unknown"),
+            "style_data": style_data}
+
+
+def _scores(block: dict) -> dict:
+    found = block.get("coco_caption") if isinstance(block.get("coco_caption"), dict) else block
+    return {k: found[k] for k in HEADLINE if isinstance(found.get(k), (int, float))}
+
+
+def headline_scores(metrics: dict) -> dict:
+    """The test-split scores (BLEU-4, METEOR, CIDEr) and each style's accuracy, where recorded."""
+    out: dict = {}
+    for key, block in metrics.items():
+        if not isinstance(block, dict):
+            continue
+        if key.startswith("test") and "factual" in key or key == "test":
+            scores = _scores(block)
+            if scores and "factual" not in out:
+                out["factual"] = scores | {"split": block.get("split", "test"), "images": block.get("images")}
+        elif "style" in block and "style_accuracy" in block and key.endswith(str(block["style"])):
+            out[block["style"]] = {"style_accuracy": block["style_accuracy"], **_scores(block)}
+    return out
+
+
+def backend(captioner) -> str:
+    """What runs the model: "ONNX Runtime" or "PyTorch <version> on <device>"."""
+    if getattr(captioner, "backend", "torch") == "onnx":
+        import onnxruntime
+
+        return f"ONNX Runtime {onnxruntime.__version__} on CPU"
+    import torch
+
+    return f"PyTorch {torch.__version__.split('+')[0]} on {getattr(captioner, 'device', 'cpu')}"
+
+
+def summary(card: dict) -> list[str]:
+    """The card in a few sentences, most important first."""
+    a, data, scores = card["architecture"], card["training_data"], card["scores"]
+    lines = [f"An image captioner: a {a['encoder']} image encoder (pretrained on ImageNet) and an LSTM "
+             f"decoder that attends to a {a['encoder_features'].rsplit('x', 1)[0]} grid of image regions "
+             "while it writes, one word at a time, with beam search."]
+    learnt = f"Trained on {data['description']}"
+    if data["style_data"]:
+        learnt += f"; its {', '.join(card['styles'][1:])} styles on {data['style_data']}"
+    lines.append(learnt + f". It knows {a['vocabulary']:,} words.")
+    if "factual" in scores:
+        f = scores["factual"]
+        measured = ", ".join(f"{k} {f[k]:.3f}" for k in HEADLINE if k in f)
+        where = f" on {f['images']:,} {f['split']} images" if isinstance(f.get("images"), int) else f" ({f['split']} split)"
+        lines.append(f"Scores{where}: {measured} (0 to 1; CIDEr can exceed 1; higher is better).")
+    styled = [f"{s} {v['style_accuracy']:.0%}" for s, v in scores.items() if s != "factual"]
+    if styled:
+        lines.append(f"Styled captions read as their style (by a text classifier): {', '.join(styled)}.")
+    if not scores:
+        lines.append("This model folder records no evaluation scores (no metrics.json).")
+    lines.append(f"Served by {card['runtime']}.")
+    return lines
+
+
+def model_card(captioner, model_dir: Path | None) -> dict:
+    """Everything the Info tab shows: `summary` (sentences) first, then the facts behind it."""
+    from ..model.captioner import GRID
+
+    cfg = captioner.config
+    metrics = _read_json(model_dir / "metrics.json") if model_dir and (model_dir / "metrics.json").is_file() else {}
+    command_file = model_dir / "COMMAND.txt" if model_dir else None
+    command = command_file.read_text().strip()[:4000] if command_file and command_file.is_file() else None
+    styles = list(captioner.styles)
+    try:
+        params = captioner.parameter_counts()
+    except Exception:  # noqa: BLE001  (a stand-in captioner in tests)
+        params = {}
+    data = training_data(metrics, command, styles)
+    limitations = []
+    if data["dataset"]:
+        limitations.append(f"Trained on {data['description']}: photos unlike those (other subjects, drawings, "
+                           "text, medical images) get generic or wrong captions.")
+    if len(styles) > 1:
+        limitations.append(f"The styles other than {styles[0]} were learnt from "
+                           f"{data['style_data'] or 'a smaller set of styled captions'}: styled captions are less "
+                           "accurate and less fluent than factual ones, and often end in a stock phrase of their style.")
+    card = {
+        "name": "AICRL image captioner",
+        "version": VERSION,
+        "model": model_dir.name if model_dir else None,
+        "backend": getattr(captioner, "backend", "torch"),  # "onnx" or "torch"
+        "runtime": backend(captioner),
+        "architecture": {
+            "summary": "CNN encoder (ImageNet-pretrained) + LSTM decoder with soft attention over a "
+                       f"{GRID}x{GRID} grid of image regions (Show, Attend and Tell); beam search decoding.",
+            "encoder": cfg.encoder,
+            "encoder_features": f"{GRID}x{GRID}x{cfg.feature_dim}",
+            "encoder_fine_tuned": bool(getattr(captioner, "encoder_finetuned", False)),
+            "encoder_parameters": params.get("encoder"),
+            "decoder": f"attention LSTM: embedding {cfg.embed_dim}, hidden {cfg.hidden_dim}, "
+                       f"attention {cfg.attention_dim}, deep output layer, gated context",
+            "decoder_parameters": params.get("decoder"),
+            "vocabulary": len(captioner.vocab) if hasattr(captioner, "vocab") else cfg.vocab_size,
+            "max_caption_words": cfg.max_length,
+        },
+        "training_data": data,
+        "styles": styles,
+        "default_style": styles[0],
+        "scores": headline_scores(metrics),
+        "metrics": metrics,
+        "command": command,
+        "config": asdict(cfg),
+        "limitations": limitations + GENERAL_LIMITATIONS,
+    }
+    card["summary"] = summary(card)
+    return card
