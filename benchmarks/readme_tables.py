@@ -27,7 +27,7 @@ PUBLISHED = [
 
 # metrics.json key -> row label, in table order (rows whose key is missing are left out)
 QUALITY_ROWS = [
-    ("test_factual", "**AICRL shipped model**, beam 3, from the image files (`aicrl caption`)"),
+    ("test_factual", "**AICRL shipped model**, beam 3"),
     ("test_factual_greedy", "the same, greedy decoding"),
     ("cross_entropy_start_test", "before self-critical training (the cross-entropy model it started from), beam 3"),
 ]
