@@ -10,9 +10,9 @@ from aicrl.rewards import CiderD
 from aicrl.self_critical import Samples, self_critical_loss
 from aicrl.training import TrainConfig, train
 
-SMALL = dict(embed_dim=32, hidden_dim=48, attention_dim=32, style_dim=8, dropout=0.1, min_freq=1,
-             batch_size=4, lr=5e-3, eval_beam=1, precision="fp32", show_progress=False,
-             attention_penalty=0.0, lr_patience=99, early_stop=99)
+from .test_training import SMALL as TRAINING_SMALL
+
+SMALL = TRAINING_SMALL | {"early_stop": 99}
 
 
 def test_cider_d_agrees_with_the_coco_caption_toolkit():
