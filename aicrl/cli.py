@@ -90,6 +90,7 @@ TRAIN_HELP = {
     "scst_samples": "self-critical: captions sampled per image",
     "scst_max_words": "self-critical: longest sampled caption, in words",
     "scst_style_ce": "self-critical: weight of a cross-entropy batch of styled captions per step (0 = off)",
+    "scst_ce_all": "self-critical: draw that cross-entropy batch from all training captions, factual ones too",
     "seed": "random seed (initialisation, shuffling, dropout)",
     "out": "output folder: checkpoint.pt, log.jsonl, curves.png and the best model in OUT/best",
     "finetune_encoder": "also train the encoder's last stage, on images instead of cached features (slow on CPU)",

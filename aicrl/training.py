@@ -77,6 +77,7 @@ class TrainConfig:
     scst_samples: int = 5  # captions sampled per image (self-critical)
     scst_max_words: int = 20  # longest sampled caption (self-critical)
     scst_style_ce: float = 1.0  # weight of a cross-entropy batch of styled captions per self-critical step
+    scst_ce_all: bool = False  # draw that cross-entropy batch from all captions, factual too (keeps the vocabulary)
     # optimisation
     optimizer: str = "adam"  # adam or sgd (momentum 0.9)
     lr: float = 4e-4
@@ -210,7 +211,7 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
         dev_images = [n for n in dev_images if n in cache.available]
 
     if cfg.init_from:  # continue from a trained model: its vocabulary, styles and weights
-        captioner = Captioner.from_pretrained(cfg.init_from)
+        captioner = Captioner.from_pretrained(cfg.init_from, backend="torch", device="cpu")  # moved to the device below
         if captioner.config.encoder != cache.encoder:
             raise ValueError(f"{cfg.init_from} was trained on {captioner.config.encoder} features, "
                              f"the cache holds {cache.encoder}")
@@ -287,7 +288,7 @@ class SelfCritical:
         self.images = [i for i, n in enumerate(run.train_images) if n in self.refs]
         self.cider = CiderD(self.refs)
         factual = run.styles.index(FACTUAL) if FACTUAL in run.styles else 0
-        self.styled = [it for it in run.items if it[2] != factual]
+        self.styled = [it for it in run.items if it[2] != factual or cfg.scst_ce_all]
         self.ce = CrossEntropy(cfg, run, amp)
         self.last_reward = 0.0
 

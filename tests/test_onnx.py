@@ -150,3 +150,15 @@ def test_torch_backend_without_torch_is_a_clear_error(exported):
     run = _python(BLOCK_TORCH + "from aicrl.cli import main; "
                   f"main(['caption', '--backend', 'torch', {str(SAMPLES / 'chelsea.jpg')!r}])")
     assert run.returncode == 1 and "needs torch" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_training_starts_from_an_exported_model_folder(exported, tiny_flickr, tiny_cache, tmp_path):
+    """--init-from a folder with an ONNX export still trains the torch weights."""
+    from aicrl.training import TrainConfig, train
+
+    from .test_training import SMALL
+
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), style_file=str(tiny_flickr / "styles.jsonl"),
+                      init_from=str(exported), objective="self-critical", scst_samples=2, scst_max_words=4,
+                      epochs=1, out=str(tmp_path / "run"), **(SMALL | {"early_stop": 99}))
+    assert train(cfg)["epochs_run"] == 1
