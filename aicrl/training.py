@@ -276,8 +276,9 @@ class CrossEntropy:
 class SelfCritical:
     """Batches of images; each image's captions sampled `scst_samples` times and rewarded with CIDEr-D
     against all its factual references (document frequencies from the training references). A model
-    with styles also takes a cross-entropy batch of styled captions per step (weight `scst_style_ce`),
-    so that optimising the factual captions does not wash the styles out."""
+    with styles also takes a cross-entropy batch of styled captions per step (weight `scst_style_ce`;
+    of all captions with `scst_ce_all`), so that optimising the factual captions does not wash the
+    styles (or the vocabulary) out."""
 
     def __init__(self, cfg: TrainConfig, run: Prepared, amp: torch.dtype | None):
         if cfg.scst_samples < 2:
@@ -287,8 +288,8 @@ class SelfCritical:
         self.refs = {n: [tokenize(r) for r in refs[n]] for n in run.train_images if n in refs}
         self.images = [i for i, n in enumerate(run.train_images) if n in self.refs]
         self.cider = CiderD(self.refs)
-        factual = run.styles.index(FACTUAL) if FACTUAL in run.styles else 0
-        self.styled = [it for it in run.items if it[2] != factual or cfg.scst_ce_all]
+        self.factual = run.styles.index(FACTUAL) if FACTUAL in run.styles else 0  # the style rewarded
+        self.ce_items = [it for it in run.items if it[2] != self.factual or cfg.scst_ce_all]
         self.ce = CrossEntropy(cfg, run, amp)
         self.last_reward = 0.0
 
@@ -296,19 +297,19 @@ class SelfCritical:
         rng = np.random.default_rng([self.cfg.seed, epoch])
         order = rng.permutation(self.images)
         batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
-        if self.styled and self.cfg.scst_style_ce:  # pair every image batch with a batch of styled captions
-            styled = rng.permutation(len(self.styled))
-            size = max(1, len(styled) // max(len(batches), 1))
-            batches = [(b, styled[k * size:(k + 1) * size][: self.cfg.batch_size]) for k, b in enumerate(batches)]
+        if self.ce_items and self.cfg.scst_style_ce:  # pair every image batch with a batch of captions
+            order = rng.permutation(len(self.ce_items))
+            size = max(1, len(order) // max(len(batches), 1))
+            batches = [(b, order[k * size:(k + 1) * size][: self.cfg.batch_size]) for k, b in enumerate(batches)]
         return batches
 
     def loss(self, net: torch.nn.Module, batch) -> torch.Tensor:
-        rows, styled = batch if isinstance(batch, tuple) else (batch, None)
+        rows, ce_batch = batch if isinstance(batch, tuple) else (batch, None)
         names = [self.run.train_images[r] for r in rows]
         decoder = net.module if hasattr(net, "module") else net
         n, v = self.cfg.scst_samples, self.run.vocab
         device = self.run.device
-        style_ids = torch.full((len(rows),), self.run.styles.index(FACTUAL), dtype=torch.long, device=device) \
+        style_ids = torch.full((len(rows),), self.factual, dtype=torch.long, device=device) \
             if len(self.run.styles) > 1 else None
         feats = self.run.train_feats.batch(rows).to(device, non_blocking=True).float()
         with autocast(device, self.amp):
@@ -318,8 +319,8 @@ class SelfCritical:
                                device=device)
         self.last_reward = float(rewards.mean())
         loss = self_critical_loss(samples, rewards, n)
-        if styled is not None and len(styled):
-            loss = loss + self.cfg.scst_style_ce * self.ce.loss(net, styled, self.styled)
+        if ce_batch is not None and len(ce_batch):
+            loss = loss + self.cfg.scst_style_ce * self.ce.loss(net, ce_batch, self.ce_items)
         return loss
 
 
@@ -327,8 +328,7 @@ class SelfCritical:
 
 def run_epoch(objective, net: torch.nn.Module, optimizer, scaler, params: list, batches: list, cfg: TrainConfig,
               desc: str, show: bool, sync_grads: list | None = None) -> tuple[float, int, float]:
-    """One pass over `batches` (at most `steps_left` when cfg.max_steps is set); returns
-    (mean loss, steps, mean reward or 0)."""
+    """One pass over `batches`; returns (mean loss, steps, mean reward or 0)."""
     net.train()
     total, rewards, count = 0.0, 0.0, 0
     bar = tqdm(batches, desc=desc, unit="batch", disable=not show, file=sys.stderr)
@@ -408,6 +408,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {sorted(OBJECTIVES)}")
     if cfg.objective == "self-critical" and cfg.finetune_encoder:
         raise ValueError("self-critical training runs on cached features: drop --finetune-encoder")
+    if cfg.objective == "self-critical" and world > 1:
+        # sampling calls the decoder's steps, not DistributedDataParallel's forward, so gradients
+        # would not be averaged across processes
+        raise ValueError("self-critical training runs in one process for now: start it without torchrun")
 
     run = prepare(cfg, device, main_process)
     captioner, decoder, amp = run.captioner, run.captioner.decoder, autocast_dtype(cfg.precision, device)
