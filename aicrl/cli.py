@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .devices import DEVICE_HELP, add_device_option
-from .serving.commands import add_backend, add_index, add_serve, beam_size_arg
+from .serving.commands import add_backend, add_index, add_serve, beam_size_arg, variants_arg
 
 
 def _add_extract(sub) -> None:
@@ -203,6 +203,9 @@ def _add_caption(sub) -> None:
     p.add_argument("--style", help="caption style, e.g. factual, humorous, romantic (default: the model's "
                    "first; see its config.json)")
     p.add_argument("--style-guidance", type=float, metavar="W", help=STYLE_GUIDANCE_HELP)
+    p.add_argument("--variants", type=variants_arg, default=1, metavar="N",
+                   help="N different captions per image, best first (1 to 10; default 1): the beam's best, "
+                   "then other beams and sampled captions that still fit; e.g. more ideas in a style")
     p.add_argument("--json", action="store_true", help="print JSON lines, one per image, for machines")
     p.add_argument("--attention", metavar="PNG", help="save each word's attention map over the image "
                    "(with several images: one file per image, named PNG-STEM.png)")
@@ -251,7 +254,7 @@ def cmd_caption(args) -> int:
                 failures += 1
                 print(f"aicrl: skipping {e}", file=sys.stderr)
         if images:
-            results = captioner.caption(images, args.beam_size, args.n_best, args.style)
+            results = captioner.caption(images, args.beam_size, args.n_best, args.style, variants=args.variants)
             for f, image, result in zip(chunk, images, results):
                 if args.json:
                     line = {"image": str(f)} | result.to_dict()
@@ -368,6 +371,63 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_fit_phrases(sub) -> None:
+    p = sub.add_parser("fit-phrases", help="learn each style's stock phrases, so that decoding avoids them",
+                       description="Caption training images in each style, find the word trigrams that end up "
+                       "in more than --target of the captions, and save them in the model folder "
+                       "(phrases.json): decoding then lowers the logit of the word that would complete one "
+                       "by strength * log(share / target). Runs in rounds: once the first stock phrases "
+                       "cost more the model reaches for the next ones, which the next round finds.")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k",
+                   help="which dataset's layout DATA_DIR has (default flickr8k)")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="dataset folder, e.g. ../shared/data/flickr8k")
+    p.add_argument("--features", metavar="DIR", help="feature cache of the same encoder (much faster)")
+    p.add_argument("--style-file", metavar="FILE", help="styled captions jsonl (FlickrStyle7k format): "
+                   "people's use of a phrase in a style (train split) is allowed to the model too")
+    p.add_argument("--styles", metavar="S,S", help="comma-separated (default: every style but the first)")
+    p.add_argument("--images", type=int, default=1500, metavar="N",
+                   help="training images captioned per style and round (default 1500)")
+    p.add_argument("--rounds", type=int, default=3, metavar="R", help="rounds (default 3)")
+    p.add_argument("--target", type=float, default=0.03, metavar="SHARE",
+                   help="share of captions above which a trigram costs more (default 0.03)")
+    p.add_argument("--strength", type=float, default=1.0, metavar="NATS",
+                   help="logit penalty per e-fold of over-use (default 1.0)")
+    add_backend(p, default="torch")
+    add_device_option(p)
+    p.set_defaults(func=cmd_fit_phrases)
+
+
+def cmd_fit_phrases(args) -> int:
+    import random
+
+    from .data.datasets import load_dataset, read_style_jsonl
+    from .evaluation import features_source
+    from .model.captioner import Captioner, default_model_dir
+    from .phrases import FILE, fit_phrases
+
+    captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
+    styles = args.styles.split(",") if args.styles else captioner.styles[1:]
+    unknown = set(styles) - set(captioner.styles)
+    if unknown or not styles:
+        sys.exit(f"aicrl: --styles: this model knows {', '.join(captioner.styles)}")
+    data = load_dataset(args.dataset, args.data_dir)
+    names = data.images("train")
+    random.Random(0).shuffle(names)  # a fixed sample of the training images
+    human = None
+    if args.style_file:
+        records = read_style_jsonl(args.style_file, data.image_dir).select("train")
+        human = {s: [r.caption for r in records if r.style == s] for s in styles}
+    phrases = fit_phrases(captioner, names[:args.images], features_source(captioner, data.image_dir, args.features),
+                          styles, human, args.rounds, args.target, args.strength,
+                          log=lambda line: print(line, file=sys.stderr))
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    phrases.save(model_dir)
+    print(json.dumps({"file": str(model_dir / FILE), "target": phrases.target, "strength": phrases.strength,
+                      "phrases": {s: len(t) for s, t in phrases.styles.items()}}))
+    return 0
+
+
 TORCH_COMMANDS = ("train", "search")  # their options come from TrainConfig, in the torch-importing training.py
 
 
@@ -382,7 +442,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
         "attention LSTM decoder. Caption photos, train and evaluate models, serve the web app.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export):
+    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export, _add_fit_phrases):
         add(sub)
     if full:
         _add_train(sub)

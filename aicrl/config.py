@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 MAX_BEAM_SIZE = 10  # the one beam limit of the page, the API and the command line
+MAX_VARIANTS = 10  # likewise for the number of different captions of one photo
 
 
 @dataclass
@@ -22,8 +23,14 @@ class CaptionerConfig:
     max_length: int = 30  # longest caption decoding will produce (words)
     precision: str = "auto"  # encoder autocast at inference: auto / bf16 / fp32 (match the cache)
     length_penalty: float = 0.0  # beam score = logprob / length**length_penalty
-    style_guidance: float = 0.0  # how hard a non-default style is pushed away from the default one
+    # how hard a non-default style is pushed away from the default one: one weight, or one per style
+    style_guidance: float | dict[str, float] = 0.0
     block_repeats: bool = True  # no content-word loops ("blue shirt and blue shirt", a word a third time)
+
+    def guidance_for(self, style: str | None) -> float:
+        """The style guidance weight of `style` (0 for a style a per-style table does not name)."""
+        g = self.style_guidance
+        return float(g.get(style, 0.0)) if isinstance(g, dict) else float(g)
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -59,13 +59,16 @@ def _array(x, dtype=None) -> np.ndarray | None:
 
 
 def repetition_bans(history: np.ndarray, content: np.ndarray) -> np.ndarray:
-    """(N, V) mask of the words that would make a row of `history` (N, t) loop: the second word of
-    a pair of content words said before (after "a blue shirt and blue", "shirt"), and a content
-    word said twice already ("blue shirt and blue shorts and blue ..."). `content` (V,) marks the
-    content words; function words ("in a", "a red") may repeat freely."""
+    """(N, V) mask of the words that would make a row of `history` (N, t) loop: the word just said
+    ("a beautiful beautiful sunset"), the second word of a pair of content words said before (after
+    "a blue shirt and blue", "shirt"), and a content word said twice already ("blue shirt and blue
+    shorts and blue ..."). `content` (V,) marks the content words; function words ("in a", "a red")
+    may otherwise repeat freely."""
     history, content = _array(history, np.int64), _array(content, bool)
     n, t = history.shape
     ban = np.zeros((n, content.size), dtype=bool)
+    if t >= 1:
+        ban[np.arange(n), history[:, -1]] = True
     if t >= 2:
         before, after = history[:, :-1], history[:, 1:]
         hit = (before == history[:, -1:]) & content[before] & content[after]
@@ -90,7 +93,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def _word_logprobs(logits: np.ndarray, start: int, end: int, allow_end: bool,
                    base_logits: np.ndarray | None = None, guidance: float = 0.0,
-                   keep: float = 0.1, banned_words: np.ndarray | None = None) -> np.ndarray:
+                   keep: float = 0.1, banned_words: np.ndarray | None = None,
+                   penalty: np.ndarray | None = None) -> np.ndarray:
     """Log-probabilities of the next word. <pad>, <start> and <unk> (ids 0, 1, 3 in every
     vocabulary) are never generated, and <end> not before the first word (an empty caption
     helps nobody).
@@ -99,7 +103,8 @@ def _word_logprobs(logits: np.ndarray, start: int, end: int, allow_end: bool,
     the styled distribution is pushed away from the base one: log p + w (log p - log p_base), the
     words a style prefers over plain description. Only words the style itself finds plausible
     (p >= keep * max p, the constraint of contrastive decoding) can win, so content stays sane.
-    `banned_words` (N, V) removes more words per row (see `repetition_bans`)."""
+    `banned_words` (N, V) removes more words per row (see `repetition_bans`); `penalty` (N, V) lowers
+    words' logits (see `aicrl.phrases`: the words that would complete a style's stock phrase)."""
     banned = [0, start, UNK_ID] if allow_end else [0, start, UNK_ID, end]
 
     def logprobs(x: np.ndarray) -> np.ndarray:
@@ -110,6 +115,8 @@ def _word_logprobs(logits: np.ndarray, start: int, end: int, allow_end: bool,
     logits = _array(logits, np.float32)
     if banned_words is not None:
         logits = np.where(_array(banned_words, bool), NEG_INF, logits)
+    if penalty is not None:
+        logits = logits - penalty
     lp = logprobs(logits)
     if base_logits is None or guidance == 0:
         return lp
@@ -135,7 +142,7 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
 
 def beam_search(decoder, features, start: int, end: int, beam_size: int = 3, n_best: int = 1,
                 max_length: int = 30, styles=None, length_penalty: float = 0.0, base_styles=None,
-                guidance: float = 0.0, content=None) -> list[list[Hypothesis]]:
+                guidance: float = 0.0, content=None, phrases=None) -> list[list[Hypothesis]]:
     """Beam search over a batch of image grids `features` (B, R, F).
 
     All B*k beams advance together as one batch. A finished beam keeps its score and only extends
@@ -143,7 +150,8 @@ def beam_search(decoder, features, start: int, end: int, beam_size: int = 3, n_b
     every beam has finished or after `max_length` words; beams that never emitted <end> are
     returned as they are. With `base_styles` and `guidance`, see `_word_logprobs`: every beam is
     also decoded in the base style, in step, to contrast the two. With `content` (V,) a beam does not
-    loop (`repetition_bans`).
+    loop (`repetition_bans`). With `phrases` (`aicrl.phrases.PhrasePenalty`), the words that would
+    complete an over-used phrase cost more.
     """
     steps = as_step_decoder(decoder)
     features, styles, base_styles = _array(features, np.float32), _array(styles, np.int64), _array(base_styles, np.int64)
@@ -171,8 +179,11 @@ def beam_search(decoder, features, start: int, end: int, beam_size: int = 3, n_b
         base_logits = None
         if guided:
             base_logits, base_state, _ = steps.step(words, base_state)
-        bans = None if content is None else repetition_bans(tokens.reshape(B * k, t), content)
-        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans).reshape(B, k, -1)
+        history = tokens.reshape(B * k, t)
+        bans = None if content is None else repetition_bans(history, content)
+        penalty = None if phrases is None else phrases.penalty(history)
+        step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans,
+                                 penalty=penalty).reshape(B, k, -1)
         vocab = step_lp.shape[-1]
         if done_row is None:
             done_row = np.full(vocab, NEG_INF, dtype=np.float32)
@@ -214,38 +225,75 @@ def beam_search(decoder, features, start: int, end: int, beam_size: int = 3, n_b
 
 
 def greedy(decoder, features, start: int, end: int, max_length: int = 30, styles=None,
-           base_styles=None, guidance: float = 0.0, content=None) -> list[Hypothesis]:
+           base_styles=None, guidance: float = 0.0, content=None, phrases=None) -> list[Hypothesis]:
     """The most likely word at every step, for a batch of image grids (B, R, F)."""
+    return [h[0] for h in sample(decoder, features, start, end, 1, max_length, styles, base_styles, guidance,
+                                 content, phrases, temperature=0.0)]
+
+
+def sample(decoder, features, start: int, end: int, n: int = 1, max_length: int = 30, styles=None,
+           base_styles=None, guidance: float = 0.0, content=None, phrases=None, temperature: float = 1.0,
+           top_p: float = 0.9, rng: np.random.Generator | None = None,
+           length_penalty: float = 0.0) -> list[list[Hypothesis]]:
+    """`n` captions for every image of a batch of grids (B, R, F), drawn word by word: nucleus
+    sampling (from the smallest set of likely words that holds `top_p` of the probability, sharpened
+    by `temperature`); temperature 0 takes the most likely word (greedy). Each image's captions come
+    back best first by score; `logprob` is the model's own (untempered) log-probability. `phrases`:
+    see `aicrl.phrases.PhrasePenalty`; the other options as in `beam_search`."""
     steps = as_step_decoder(decoder)
     features, styles, base_styles = _array(features, np.float32), _array(styles, np.int64), _array(base_styles, np.int64)
     content = _array(content, bool)
+    rng = rng if rng is not None else np.random.default_rng(0)
     B = features.shape[0]
-    state = steps.start(features, styles, 1)
+    N = B * n
+    state = steps.start(features, styles, n)
     guided = base_styles is not None and guidance > 0
-    base_state = steps.start(features, base_styles, 1) if guided else None
-    words = np.full(B, start, dtype=np.int64)
-    chosen, logprobs, alphas = [], [], []
+    base_state = steps.start(features, base_styles, n) if guided else None
+    words = np.full(N, start, dtype=np.int64)
+    tokens = np.zeros((N, 0), dtype=np.int64)
+    logprob = np.zeros(N, dtype=np.float32)
+    lengths = np.zeros(N, dtype=np.int64)  # words emitted, counting <end>
+    finished = np.zeros(N, dtype=bool)
+    alphas = []
+    rows = np.arange(N)
     for t in range(max_length):
         logits, state, alpha = steps.step(words, state)
         base_logits = None
         if guided:
             base_logits, base_state, _ = steps.step(words, base_state)
-        bans = None
-        if content is not None:
-            history = np.stack(chosen, 1) if chosen else np.zeros((B, 0), dtype=np.int64)
-            bans = repetition_bans(history, content)
-        lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans)
-        words = lp.argmax(-1).astype(np.int64)
-        chosen.append(words)
-        logprobs.append(lp[np.arange(B), words])
+        bans = None if content is None else repetition_bans(tokens, content)
+        penalty = None if phrases is None else phrases.penalty(tokens)
+        lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans, penalty=penalty)
+        words = lp.argmax(-1) if temperature == 0 else _nucleus(lp, temperature, top_p, rng)
+        words = np.where(finished, end, words).astype(np.int64)
+        logprob += np.where(finished, 0, lp[rows, words])
+        lengths += ~finished
+        finished |= words == end
+        tokens = np.concatenate([tokens, words[:, None]], 1)
         alphas.append(np.asarray(alpha, dtype=np.float32))
-        if (np.stack(chosen, 1) == end).any(1).all():
+        if finished.all():
             break
-    seqs, lps, att = np.stack(chosen, 1), np.stack(logprobs, 1), np.stack(alphas, 1)
+    att = np.stack(alphas, 1)
+    score = _length_normalise(logprob, lengths, length_penalty)
     results = []
     for b in range(B):
-        seq = seqs[b].tolist()
-        n = seq.index(end) if end in seq else len(seq)
-        total = float(lps[b, : min(n + 1, len(seq))].sum())
-        results.append(Hypothesis(seq[:n], total, total, att[b, :n].copy()))
+        hyps = []
+        for r in range(b * n, (b + 1) * n):
+            m = int(lengths[r]) - bool(finished[r])  # words, without <end>
+            hyps.append(Hypothesis(tokens[r, :m].tolist(), float(logprob[r]), float(score[r]), att[r, :m].copy()))
+        results.append(sorted(hyps, key=lambda h: -h.score))
     return results
+
+
+def _nucleus(lp: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator,
+             top_k: int = 64) -> np.ndarray:
+    """One word per row, drawn from the rows' nucleus (among the `top_k` most likely words)."""
+    top = _top_k(lp, min(top_k, lp.shape[1]))
+    x = np.take_along_axis(lp, top, 1) / np.float32(temperature)
+    p = np.exp(x - x[:, :1])  # sorted: the first is the largest
+    p /= p.sum(1, keepdims=True)
+    before = np.cumsum(p, 1) - p
+    p = np.where(before < top_p, p, 0)  # the words needed to reach top_p (always the first)
+    cum = np.cumsum(p, 1)
+    pick = (cum < rng.random((len(p), 1)) * cum[:, -1:]).sum(1)
+    return top[np.arange(len(top)), np.minimum(pick, top.shape[1] - 1)]

@@ -179,6 +179,38 @@ def diversity(predictions: dict[str, str]) -> dict:
             "top_trigram": " ".join(top), "top_trigram_share": round(top_count / n, 4)}
 
 
+DETERMINERS = frozenset("a an the his her their its".split())
+# Words that can stand between two noun phrases ("a dog with a ball", "a man throws a frisbee"):
+# prepositions, conjunctions, verbs. Verbs are told by form (-s, -ed, -ing) or listed when irregular.
+_JOINS = frozenset("of in on at to into onto over under through from with without by for as near next "
+                   "and or but while like than is are was were be has have had see sees saw hit hits "
+                   "behind beside between across along around past toward towards against above below "
+                   "beneath inside outside underneath upon among about after before".split())
+
+
+def grammar_errors(caption: str) -> list[str]:
+    """The broken joins a decoder makes when it glues phrases together: a word said twice in a row
+    ("the the"), two determiners in a row ("a the dog") or around a word that cannot join two noun
+    phrases ("an ugly a yellow building"). A simple checker: it finds these, not grammar at large."""
+    words = tokenize(caption)
+    found = []
+    for i, w in enumerate(words[:-1]):
+        nxt = words[i + 1]
+        if nxt == w:
+            found.append(f"doubled word: {w} {nxt}")
+        elif w in DETERMINERS and nxt in DETERMINERS:
+            found.append(f"two determiners: {w} {nxt}")
+        elif (i + 2 < len(words) and w in DETERMINERS and words[i + 2] in DETERMINERS and nxt not in _JOINS
+              and not nxt.endswith(("s", "ed", "ing"))):
+            found.append(f"broken join: {w} {nxt} {words[i + 2]}")
+    return found
+
+
+def grammar_error_rate(predictions: dict[str, str]) -> float:
+    """Share of captions with at least one `grammar_errors` finding."""
+    return round(sum(bool(grammar_errors(c)) for c in predictions.values()) / max(len(predictions), 1), 4)
+
+
 # ----------------------------------------------------------------------------- whole splits
 
 def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], Any],
@@ -214,7 +246,7 @@ def features_source(captioner, image_dir: str | Path,
 def evaluate_factual(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:
     return {"coco_caption": coco_scores(predictions, references),
             "nltk_corpus_bleu": nltk_corpus_bleu(predictions, references), "images": len(predictions),
-            "diversity": diversity(predictions)}
+            "diversity": diversity(predictions), "grammar_error_rate": grammar_error_rate(predictions)}
 
 
 def evaluate_style(predictions: dict[str, str], styled_refs: dict[str, list[str]],
@@ -225,4 +257,5 @@ def evaluate_style(predictions: dict[str, str], styled_refs: dict[str, list[str]
     predicted = classifier.predict(list(predictions.values()))
     return {"style": style, "images": len(predictions), **kept,
             "style_accuracy": sum(p == style for p in predicted) / max(len(predicted), 1),
-            "content_overlap": content_overlap(predictions, factual_refs), "diversity": diversity(predictions)}
+            "content_overlap": content_overlap(predictions, factual_refs), "diversity": diversity(predictions),
+            "grammar_error_rate": grammar_error_rate(predictions)}

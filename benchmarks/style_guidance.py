@@ -15,7 +15,7 @@ import collections
 import json
 
 from aicrl.data.datasets import load_dataset, read_style_jsonl
-from aicrl.evaluation import caption_images, content_overlap, features_source, fit_style_classifier
+from aicrl.evaluation import caption_images, content_overlap, diversity, features_source, fit_style_classifier
 from aicrl.model.captioner import Captioner
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     features_of = features_source(captioner, data.image_dir, args.features)
     if not args.json:
         print("| style | guidance | style accuracy | judged factual | judged other style | content overlap | "
-              "words | example |\n|---|---|---|---|---|---|---|---|")
+              "words | top trigram | example |\n|---|---|---|---|---|---|---|---|---|")
     for style in captioner.styles[1:]:
         for weight in map(float, args.weights.split(",")):
             captioner.config.style_guidance = weight
@@ -51,14 +51,16 @@ def main() -> None:
             row = {"style": style, "guidance": weight, "style_accuracy": judged[style] / len(preds),
                    "judged": dict(judged), "content_overlap": content_overlap(preds, refs),
                    "mean_words": sum(len(p.split()) for p in preds.values()) / len(preds),
-                   "example": preds[names[0]]}
+                   "diversity": diversity(preds), "example": preds[names[0]]}
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
                 other = len(preds) - judged[style] - judged[captioner.styles[0]]
                 print(f"| {style} | {weight:g} | {row['style_accuracy']:.1%} | "
                       f"{judged[captioner.styles[0]] / len(preds):.1%} | {other / len(preds):.1%} | "
-                      f"{row['content_overlap']:.1%} | {row['mean_words']:.1f} | {row['example']} |", flush=True)
+                      f"{row['content_overlap']:.1%} | {row['mean_words']:.1f} | "
+                      f"\"{row['diversity']['top_trigram']}\" {row['diversity']['top_trigram_share']:.1%} | "
+                      f"{row['example']} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,14 @@ def test_beam_size_n_best_and_style(client):
     assert funny["style"] == "humorous" and funny["captions"][0]["text"]
 
 
+def test_variants_give_different_captions_of_the_same_photo(client, web_captioner):
+    body = post_image(client, style="romantic", variants=4).json()
+    texts = [c["text"] for c in body["captions"]]
+    assert 2 <= len(texts) <= 4 and len({frozenset(t.split()) for t in texts}) == len(texts)
+    assert texts == [c.text for c in web_captioner.caption([SAMPLES / "chelsea.jpg"], style="romantic",
+                                                           variants=4)[0].captions]
+
+
 def test_the_page_and_the_command_line_give_the_same_caption(client, web_captioner):
     photo = SAMPLES / "astronaut.jpg"  # 512 px: JPEG draft decoding would differ from a full decode
     for style in ("factual", "romantic"):
@@ -275,6 +283,8 @@ def test_healthz_answers_quickly_while_bleu_is_scored(web_app, monkeypatch):
     ({"beam_size": "abc"}, "beam_size"),
     ({"beam_size": 2, "n_best": 3}, "n_best"),
     ({"n_best": 0}, "n_best"),
+    ({"variants": 0}, "variants"),
+    ({"variants": 11}, "variants"),
     ({"style": "sarcastic"}, "Unknown style 'sarcastic'"),
     ({"references": "\n".join(["a dog"] * 21)}, "at most 20"),
     ({"references": "!!!\n..."}, "at least one reference caption"),  # given, but no words in it

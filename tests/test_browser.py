@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,21 @@ def test_caption_attention_bleu_and_refresh(page):
     expect(page.locator("#captionize")).to_be_disabled()
     assert not heatmap_drawn(page)
     assert page.console_errors == []  # no script error, no CSP violation
+
+
+def test_another_caption_steps_through_different_captions(page):
+    from playwright.sync_api import expect
+
+    page.locator("#file").set_input_files(str(SAMPLES / "chelsea.jpg"))
+    page.select_option("#style", "romantic")
+    page.click("#another")
+    expect(page.locator("#result-label")).to_have_text(re.compile(r"Caption 2 of \d+ \(romantic\)"))
+    second = page.locator("#best-caption").inner_text().strip()
+    page.click("#another")  # the next one, without asking the server again
+    expect(page.locator("#result-label")).to_contain_text("Caption 3 of")
+    third = page.locator("#best-caption").inner_text().strip()
+    assert second and third and second != third
+    assert not page.console_errors
 
 
 def test_query_tab_finds_the_image_by_a_word_of_its_caption(page):

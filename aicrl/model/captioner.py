@@ -6,6 +6,7 @@ A model folder (the Hugging Face `save_pretrained` shape):
     vocab.json          the vocabulary
     metrics.json        evaluation results (optional)
     COMMAND.txt         how it was made: the exact commands (optional)
+    phrases.json        each style's over-used phrases, penalised when decoding (optional; aicrl/phrases.py)
     *.onnx, onnx.json   the same model for ONNX Runtime (`aicrl export`; see aicrl/runtime.py)
 
 A Captioner runs on one of two backends with the same beam search (aicrl/decoding.py):
@@ -25,10 +26,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..config import MAX_BEAM_SIZE, CaptionerConfig
+from ..config import MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
-from ..decoding import Hypothesis, beam_search, greedy
+from ..decoding import Hypothesis, beam_search, greedy, sample
+from ..phrases import FILE as PHRASES_FILE
+from ..phrases import OverusedPhrases
 from .tags import CLASSIFIER_FILE, head_weights, load_head, tags_from_features
 
 if TYPE_CHECKING:
@@ -105,6 +108,7 @@ class Captioner:
         self._encoder = encoder
         self._encoder_finetuned = False
         self.device = "cpu"  # where the torch modules run (ONNX Runtime runs on the CPU)
+        self.phrases: OverusedPhrases | None = None  # the styles' stock phrases (phrases.json)
 
     def to(self, device) -> "Captioner":
         """Move the torch modules to a device (a torch.device or 'cpu', 'cuda', ...); returns itself."""
@@ -194,7 +198,8 @@ class Captioner:
                         for k, v in self.encoder.state_dict().items()
                         if v.is_floating_point() and self.encoder.in_last_stage(k)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-        for name in [MANIFEST, *ONNX_FILES.values(), CLASSIFIER_FILE]:  # an export of other weights is stale now
+        # an export of other weights, and their stock phrases, are stale now
+        for name in [MANIFEST, *ONNX_FILES.values(), CLASSIFIER_FILE, PHRASES_FILE]:
             (path / name).unlink(missing_ok=True)
         if metrics is not None:
             (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -208,6 +213,12 @@ class Captioner:
         "torch", or "auto": ONNX when the folder has an export and onnxruntime is installed (and no
         torch `encoder` is given), else torch. In auto mode a broken or stale export falls back to
         torch, said once on stderr, when torch is installed; otherwise it is an error naming the file."""
+        model = cls._load(path, encoder, backend, threads, device)
+        model.phrases = OverusedPhrases.load(path or default_model_dir())
+        return model
+
+    @classmethod
+    def _load(cls, path, encoder, backend: str, threads: int | None, device: str) -> "Captioner":
         from ..runtime import BackendUnavailable, OnnxModel, OnnxModelError, has_export
 
         if backend not in BACKENDS:
@@ -295,31 +306,49 @@ class Captioner:
             return self.encoder(batch).float().cpu().numpy()
 
     def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
-               max_length: int | None = None, guidance: float | None = None) -> list[list[Hypothesis]]:
-        """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch."""
+               max_length: int | None = None, guidance: float | None = None,
+               variants: int = 1) -> list[list[Hypothesis]]:
+        """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch.
+        `variants` > 1: that many different captions per image, best first (see `_variants`)."""
         n = len(features)
         styles = self.style_ids(style, n)
         max_length = max_length or self.config.max_length
-        guidance = self.config.style_guidance if guidance is None else guidance
-        # A styled caption is contrasted with the default (factual) one; see decoding._word_logprobs.
-        base = None if styles is None or style in (None, "", self.styles[0]) else np.zeros_like(styles)
+        guidance = self.config.guidance_for(style) if guidance is None else guidance
+        styled = styles is not None and style not in (None, "", self.styles[0])
+        # A styled caption is contrasted with the default (factual) one (decoding._word_logprobs),
+        # and kept off the style's stock phrases (aicrl/phrases.py).
+        base = np.zeros_like(styles) if styled else None
+        phrases = self.phrases.for_style(style, self.vocab.stoi, len(self.vocab)) if styled and self.phrases else None
         content = self.content_words if self.config.block_repeats else None
         v, steps = self.vocab, self.steps()
-        if beam_size == 1:
-            return [[h] for h in greedy(steps, features, v.start, v.end, max_length, styles, base, guidance, content)]
-        return beam_search(steps, features, v.start, v.end, beam_size, n_best, max_length, styles,
-                           self.config.length_penalty, base, guidance, content)
+        lp = self.config.length_penalty
+        if variants == 1:
+            if beam_size == 1:
+                return [[h] for h in greedy(steps, features, v.start, v.end, max_length, styles, base, guidance,
+                                            content, phrases)]
+            return beam_search(steps, features, v.start, v.end, beam_size, n_best, max_length, styles, lp, base,
+                               guidance, content, phrases)
+        # different captions: every beam, then sampled ones; the best that differ win
+        beams = beam_search(steps, features, v.start, v.end, beam_size, beam_size, max_length, styles, lp, base,
+                            guidance, content, phrases)
+        drawn = sample(steps, features, v.start, v.end, 4 * variants, max_length, styles, base, guidance, content,
+                       phrases, temperature=0.8, top_p=0.9, length_penalty=lp)
+        return [_variants(b + d, variants) for b, d in zip(beams, drawn)]
+
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
-                style: str | None = None, max_length: int | None = None) -> list[CaptionResult]:
-        """Caption a batch of images (paths, bytes or PIL images). Raises ImageLoadError on a bad one."""
+                style: str | None = None, max_length: int | None = None, variants: int = 1) -> list[CaptionResult]:
+        """Caption a batch of images (paths, bytes or PIL images). Raises ImageLoadError on a bad one.
+        `variants`: that many different captions per image instead of the `n_best` beams."""
         if not 1 <= beam_size <= MAX_BEAM_SIZE:
             raise ValueError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}")
+        if not 1 <= variants <= MAX_VARIANTS:
+            raise ValueError(f"variants must be between 1 and {MAX_VARIANTS}")
         t0 = time.perf_counter()
         features = self.encode(images)
         head = self.classifier()  # the tags come from the same features
         tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
         t1 = time.perf_counter()
-        hyps = self.decode(features, beam_size, n_best, style, max_length)
+        hyps = self.decode(features, beam_size, n_best, style, max_length, variants=variants)
         t2 = time.perf_counter()
         timing = {"encode": round((t1 - t0) * 1000 / len(images), 1),
                   "decode": round((t2 - t1) * 1000 / len(images), 1)}
@@ -331,3 +360,17 @@ class Captioner:
                         for h in image_hyps]
             results.append(CaptionResult(captions, style, dict(timing), image_tags))
         return results
+
+
+def _variants(candidates: list[Hypothesis], k: int) -> list[Hypothesis]:
+    """The `k` best-scoring candidates (beams first, then samples) that differ from each other in their
+    words, not only in their order or a repeated one; fewer when fewer such exist."""
+    chosen, seen = [], set()
+    for h in sorted(candidates, key=lambda h: -h.score):
+        words = frozenset(h.tokens)
+        if h.tokens and words not in seen:
+            chosen.append(h)
+            seen.add(words)
+        if len(chosen) == k:
+            break
+    return chosen

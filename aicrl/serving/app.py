@@ -14,7 +14,7 @@ CPU work (the model, BLEU, database queries) runs off the event loop, so /health
 
 API
     GET  /                      the page (static HTML/CSS/JS, no CDN)
-    POST /api/captions          multipart: image (file), beam_size, n_best, style, references
+    POST /api/captions          multipart: image (file), beam_size, n_best, style, variants, references
     GET  /api/search?q=words    gallery search of captions and tags (FTS5, bm25); no words: the latest
     GET  /api/images/{id}       a stored image (JPEG); /api/images/{id}/thumbnail its thumbnail
     GET  /api/images/{id}/details   a gallery item: captions per style, tags, dates (JSON)
@@ -52,7 +52,7 @@ from starlette.concurrency import run_in_threadpool
 from ..data.images import MAX_PIXELS, ImageLoadError, ImageTooLargeError
 from ..data.vocab import tokenize
 from ..evaluation import sentence_bleu
-from ..config import MAX_BEAM_SIZE
+from ..config import MAX_BEAM_SIZE, MAX_VARIANTS
 from ..model.captioner import GRID
 from .batching import MicroBatcher, ServerBusy
 from .card import VERSION, model_card
@@ -288,37 +288,38 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
     index_html = (STATIC_DIR / "index.html").read_bytes()
 
     def caption_image(data: bytes, beam_size: int, n_best: int, style: str, store: bool,
-                      measure: bool = True, refs: list[str] | None = None) -> dict:
+                      measure: bool = True, refs: list[str] | None = None, variants: int = 1) -> dict:
         """Runs in the worker thread: validate, caption, store (and BLEU against `refs`)."""
-        out = caption_batch([(data, beam_size, n_best, style, store, measure, refs)])[0]
+        out = caption_batch([(data, beam_size, n_best, style, store, measure, refs, variants)])[0]
         if isinstance(out, Exception):
             raise out
         return out
 
     def caption_batch(jobs: list[tuple]) -> list:
-        """Runs in the worker thread: per job (data, beam_size, n_best, style, store, measure, refs) a
-        dict, or the ImageLoadError of its image. Jobs with the same beam size and style share one call."""
+        """Runs in the worker thread: per job (data, beam_size, n_best, style, store, measure, refs,
+        variants) a dict, or the ImageLoadError of its image. Jobs with the same beam size, style and
+        variants share one call."""
         out: list = [None] * len(jobs)
         images, groups = {}, defaultdict(list)
-        for i, (data, beam_size, _, style, *_rest) in enumerate(jobs):
+        for i, (data, beam_size, _, style, *_rest, variants) in enumerate(jobs):
             try:
                 images[i] = open_image(data)  # raises ImageLoadError before anything is stored
-                groups[beam_size, style].append(i)
+                groups[beam_size, style, variants].append(i)
             except ImageLoadError as e:
                 out[i] = e
-        for (beam_size, style), members in groups.items():
+        for (beam_size, style, variants), members in groups.items():
             n_best = max(jobs[i][2] for i in members)
             # Caption from the bytes, as `aicrl caption` does (JPEG draft decoding straight to 224 px),
             # so the web page and the command line give the same caption for the same file.
             try:
                 results = captioner.caption([jobs[i][0] for i in members], beam_size=beam_size,
-                                            n_best=n_best, style=style)
+                                            n_best=n_best, style=style, variants=variants)
             except ImageLoadError:  # one bad image must not fail its companions: one by one
                 results = []
                 for i in members:
                     try:
                         results.append(captioner.caption([jobs[i][0]], beam_size=beam_size, n_best=n_best,
-                                                         style=style)[0])
+                                                         style=style, variants=variants)[0])
                     except ImageLoadError as e:
                         results.append(e)
             for i, result in zip(members, results):
@@ -326,12 +327,12 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         return out
 
     def _finish(job: tuple, image, result) -> dict:
-        data, _, n_best, _, store, measure, refs = job
+        data, _, n_best, _, store, measure, refs, variants = job
         timing = dict(result.timing_ms)
         timing["model"] = round(timing.get("encode", 0.0) + timing.get("decode", 0.0), 1)
         if measure:
             stats.add(timing)
-        captions = [c.to_dict() for c in result.captions[:n_best]]
+        captions = [c.to_dict() for c in result.captions[:max(n_best, variants)]]
         best = result.captions[0]
         attention = {"words": list(best.words), "weights": [list(r) for r in best.attention], "grid": GRID}
         record = (gallery.add(image, captions, result.style, sha256_bytes(data), tags=result.tags,
@@ -382,7 +383,7 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         return card | {"latency": stats.summary() | {"batches": runner.batches, "largest_batch": runner.largest_batch},
                        "gallery_images": await run_in_threadpool(gallery.count),
                        "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": MAX_PIXELS,
-                                  "max_beam_size": MAX_BEAM, "max_references": MAX_REFERENCES,
+                                  "max_beam_size": MAX_BEAM, "max_variants": MAX_VARIANTS, "max_references": MAX_REFERENCES,
                                   "max_reference_chars": MAX_REFERENCE_CHARS, "max_batch": max_batch,
                                   "max_waiting": max_waiting}}
 
@@ -399,6 +400,8 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
                                            description="captions to return, at most beam_size (default: all k)")] = None,
         style: Annotated[str | None, Form(max_length=64, description="caption style (see /api/info); "
                                                                      "default the model's first, factual")] = None,
+        variants: Annotated[int, Form(ge=1, le=MAX_VARIANTS, description="that many different captions, best "
+                                                                         "first, instead of the beam's n_best")] = 1,
         references: Annotated[str | None, Form(max_length=MAX_REFERENCES_TEXT,
                                                description="reference captions, one per line: adds BLEU")] = None,
     ) -> JSONResponse:
@@ -425,7 +428,7 @@ def create_app(model_dir: str | Path | None = None, db_path: str | Path = "data/
         if not data:
             raise HTTPException(400, "The uploaded file is empty.")
         try:
-            out = await runner.submit((data, beam_size, n_best, style, True, True, refs))
+            out = await runner.submit((data, beam_size, n_best, style, True, True, refs, variants))
         except ServerBusy:
             return _error(503, "The server is busy captioning other images; try again in a few seconds.",
                           {"retry-after": "5"})

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import MAX_BEAM_SIZE
+from ..config import MAX_BEAM_SIZE, MAX_VARIANTS
 from ..data.images import image_files
 from ..devices import add_device_option
 
@@ -24,15 +24,24 @@ def add_backend(p, default: str = "auto") -> None:
                         "files) or on torch; auto: ONNX when the model folder has them" + f" (default {default})")
 
 
-def beam_size_arg(text: str) -> int:
-    """argparse type of beam widths: the one limit the page, the API and the commands share."""
+def _whole_number(text: str, high: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= MAX_BEAM_SIZE:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_BEAM_SIZE}, not {value}")
+    if not 1 <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {high}, not {value}")
     return value
+
+
+def beam_size_arg(text: str) -> int:
+    """argparse type of beam widths: the one limit the page, the API and the commands share."""
+    return _whole_number(text, MAX_BEAM_SIZE)
+
+
+def variants_arg(text: str) -> int:
+    """argparse type of --variants: the limit the API shares."""
+    return _whole_number(text, MAX_VARIANTS)
 
 
 def add_serve(sub) -> None:

@@ -9,6 +9,7 @@
     file: null,        // the chosen File/Blob
     url: null,         // its object URL (preview)
     result: null,      // the last /api/captions answer
+    variants: null,    // {file, style, result, index}: the captions "Another caption" steps through
     pinned: null,      // index of the word whose attention is pinned by a click
     shown: null,       // index of the word whose attention is drawn
     info: null,        // /api/info
@@ -147,6 +148,7 @@
     $("placeholder").hidden = true;
     $("pick-again").hidden = false;
     $("captionize").disabled = false;
+    $("another").disabled = false;
     setStatus(status, "Ready: press Captionize.");
     $("captionize").focus(); // the next step, for keyboard and screen reader users
   }
@@ -214,7 +216,29 @@
     return value;
   }
 
-  async function captionize() {
+  const VARIANTS = 5; // captions fetched at once for "Another caption"
+
+  // The next of several different captions of the same photo and style; fetched on the first click.
+  function another() {
+    const v = state.variants;
+    if (v && v.file === state.file && v.style === $("style").value && v.result.captions.length > 1) {
+      v.index = (v.index + 1) % v.result.captions.length;
+      showVariant();
+      return;
+    }
+    captionize(VARIANTS);
+  }
+
+  function showVariant() {
+    const { result, index } = state.variants;
+    const captions = [result.captions[index], ...result.captions.filter((_, i) => i !== index)];
+    // the attention map belongs to the best caption only
+    showResult({ ...result, captions, attention: index === 0 ? result.attention : null,
+      label: `Caption ${index + 1} of ${result.captions.length} (${result.style})` });
+    setStatus($("status"), `Caption ${index + 1} of ${result.captions.length}: press Another caption for the next.`);
+  }
+
+  async function captionize(variants = 1) {
     const status = $("status");
     if (!state.file) {
       setStatus(status, "Choose an image first (Input Image).", true);
@@ -236,24 +260,29 @@
     form.append("image", state.file, state.file.name || "image");
     form.append("beam_size", String(k));
     form.append("n_best", String(k));
+    if (variants > 1) form.append("variants", String(variants));
     if ($("style").value) form.append("style", $("style").value);
     const refs = $("references").value.trim();
     if (refs) form.append("references", refs);
     try {
       const result = await api("/api/captions", { method: "POST", body: form });
-      showResult(result);
+      state.variants = variants > 1 ? { file: state.file, style: $("style").value, result, index: 0 } : null;
+      if (variants > 1 && result.captions.length > 1) state.variants.index = 1;
+      if (state.variants) showVariant();
+      else showResult(result);
       // On a phone the caption is below the photo: bring it into view, and move focus to it.
       const label = $("result-label");
       label.scrollIntoView({ block: "start" });
       label.focus({ preventScroll: true });
       const t = result.timing_ms || {};
-      setStatus(status, `Done in ${formatNumber(t.server ?? 0)} ms (encoder ${formatNumber(t.encode ?? 0)} ms, ` +
+      if (!state.variants) setStatus(status, `Done in ${formatNumber(t.server ?? 0)} ms (encoder ${formatNumber(t.encode ?? 0)} ms, ` +
         `decoder ${formatNumber(t.decode ?? 0)} ms).`);
     } catch (err) {
       setStatus(status, err.message, true);
     } finally {
       state.busy = false;
       button.disabled = !state.file;
+      $("another").disabled = !state.file;
       button.removeAttribute("aria-busy");
     }
   }
@@ -291,13 +320,13 @@
     });
 
     area.replaceChildren(
-      el("p", { class: "label", id: "result-label", tabindex: "-1" }, `Best caption (${result.style})`),
+      el("p", { class: "label", id: "result-label", tabindex: "-1" }, result.label || `Best caption (${result.style})`),
       caption,
       tagList(result.tags),
       el("p", { class: "small muted" }, words.length
         ? "Hover, focus or click a word to see where the model looked."
         : ""),
-      el("h3", { text: `Candidates (beam size ${result.beam_size})` }),
+      el("h3", { text: result.label ? "Other captions" : `Candidates (beam size ${result.beam_size})` }),
       list,
     );
     $("result-tools").hidden = false;
@@ -434,6 +463,8 @@
     $("placeholder").hidden = false;
     $("pick-again").hidden = true;
     $("captionize").disabled = true;
+    $("another").disabled = true;
+    state.variants = null;
     $("references").value = "";
     if ("speechSynthesis" in window) window.speechSynthesis.cancel();
     clearResult();
@@ -709,7 +740,8 @@
   document.addEventListener("DOMContentLoaded", () => {
     setupInput();
     setupTabs();
-    $("captionize").addEventListener("click", captionize);
+    $("captionize").addEventListener("click", () => captionize());
+    $("another").addEventListener("click", another);
     $("refresh").addEventListener("click", refresh);
     $("speak").addEventListener("click", speak);
     $("copy").addEventListener("click", copyAltText);
