@@ -363,10 +363,10 @@ class Captioner:
 
 
 def _variants(candidates: list[Hypothesis], k: int) -> list[Hypothesis]:
-    """The `k` best-scoring candidates (beams first, then samples) that differ from each other in their
-    words, not only in their order or a repeated one; fewer when fewer such exist."""
+    """The first candidate (the beam's best: what the caption is without variants), then the
+    best-scoring others whose words differ from every caption kept, up to `k`."""
     chosen, seen = [], set()
-    for h in sorted(candidates, key=lambda h: -h.score):
+    for h in candidates[:1] + sorted(candidates[1:], key=lambda h: -h.score):
         words = frozenset(h.tokens)
         if h.tokens and words not in seen:
             chosen.append(h)
