@@ -620,3 +620,16 @@ def test_index_command_captions_a_folder_and_skips_duplicates(web_model_dir, web
         assert recent["count"] == 2 and {r["source"] for r in recent["results"]} == {"cat.jpg", "coffee.JPG"}
         word = recent["results"][0]["captions"][0]["text"].split()[-1]
         assert c.get("/api/search", params={"q": word}).json()["count"] >= 1
+
+
+def test_model_card_scores_are_the_shipped_settings_not_other_rows():
+    from aicrl.serving.card import headline_scores
+
+    style = {"split": "FlickrStyle dev", "style": "humorous", "CIDEr": 0.28}
+    metrics = {"test_factual": {"split": "test", "coco_caption": {"BLEU-4": 0.19}},
+               "test_factual_greedy": {"coco_caption": {"BLEU-4": 0.17}},
+               "cross_entropy_start_test": {"split": "test", "coco_caption": {"BLEU-4": 0.18}},
+               "flickrstyle_dev_humorous": style | {"style_accuracy": 0.85},
+               "cross_entropy_start_flickrstyle_dev_humorous": style | {"style_accuracy": 0.91}}
+    scores = headline_scores(metrics)
+    assert scores["factual"]["BLEU-4"] == 0.19 and scores["humorous"]["style_accuracy"] == 0.85

@@ -87,17 +87,22 @@ def _scores(block: dict) -> dict:
 
 
 def headline_scores(metrics: dict) -> dict:
-    """The test-split scores (BLEU-4, METEOR, CIDEr) and each style's accuracy, where recorded."""
+    """The test-split scores (BLEU-4, METEOR, CIDEr) and each style's accuracy, where recorded. The
+    blocks `aicrl evaluate --save-to-model` writes (key "<split>_<style>": "test_factual",
+    "flickrstyle_dev_humorous") win over others a metrics.json may also keep for other models or
+    settings ("cross_entropy_start_test", "test_factual_greedy")."""
     out: dict = {}
     for key, block in metrics.items():
         if not isinstance(block, dict):
             continue
-        if key.startswith("test") and "factual" in key or key == "test":
+        own = key == f"{str(block.get('split', '')).replace(' ', '_')}_{block.get('style', 'factual')}".lower()
+        if (key.startswith("test") and "factual" in key) or key == "test":
             scores = _scores(block)
-            if scores and "factual" not in out:
+            if scores and (own or "factual" not in out):
                 out["factual"] = scores | {"split": block.get("split", "test"), "images": block.get("images")}
-        elif "style" in block and "style_accuracy" in block and key.endswith(str(block["style"])):
-            out[block["style"]] = {"style_accuracy": block["style_accuracy"], **_scores(block)}
+        elif "style_accuracy" in block and key.endswith(str(block.get("style"))):
+            if own or block["style"] not in out:
+                out[block["style"]] = {"style_accuracy": block["style_accuracy"], **_scores(block)}
     return out
 
 
