@@ -167,16 +167,15 @@ def content_overlap(predictions: dict[str, str], factual_refs: dict[str, list[st
 def diversity(predictions: dict[str, str]) -> dict:
     """How varied the captions are: distinct words and captions, mean length, and the word trigram
     found in the most captions (a model that glues one stock phrase to every photo shows up here)."""
-    from collections import Counter
+    from .phrases import trigram_shares
 
     captions = [tokenize(c) for c in predictions.values()]
-    trigrams = Counter(g for c in captions for g in {tuple(c[i:i + 3]) for i in range(len(c) - 2)})
-    top, top_count = trigrams.most_common(1)[0] if trigrams else ((), 0)
-    n = max(len(captions), 1)
+    shares = trigram_shares(predictions.values())
+    top, share = max(shares.items(), key=lambda kv: (kv[1], kv[0]), default=("", 0.0))
     return {"distinct_words": len({w for c in captions for w in c}),
             "distinct_captions": len({tuple(c) for c in captions}),
-            "mean_length": round(sum(map(len, captions)) / n, 2),
-            "top_trigram": " ".join(top), "top_trigram_share": round(top_count / n, 4)}
+            "mean_length": round(sum(map(len, captions)) / max(len(captions), 1), 2),
+            "top_trigram": top, "top_trigram_share": round(share, 4)}
 
 
 DETERMINERS = frozenset("a an the his her their its".split())
