@@ -275,16 +275,21 @@ def cmd_caption(args) -> int:
     return 1 if failures else 0
 
 
+def _model_and_dataset(p: argparse.ArgumentParser) -> None:
+    """--model, --dataset and --data-dir: the options of the commands that caption a dataset's split."""
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k",
+                   help="which dataset's layout DATA_DIR has (default flickr8k)")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="dataset folder, e.g. ../shared/data/flickr8k")
+
+
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="score a model on a test split (BLEU-1..4, METEOR, ROUGE-L, CIDEr)",
                        description="Caption every image of a split with beam search and score the captions "
                        "with the coco-caption toolkit (pycocoevalcap) and NLTK corpus BLEU. With --style "
                        "(and --style-file) it scores styled captions on the style file's dev images: BLEU, "
                        "METEOR, CIDEr against styled references, style accuracy and content overlap.")
-    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k",
-                   help="which dataset's layout DATA_DIR has (default flickr8k)")
-    p.add_argument("--data-dir", required=True, metavar="DIR", help="dataset folder, e.g. ../shared/data/flickr8k")
+    _model_and_dataset(p)
     p.add_argument("--split", default="test", help="train, dev or test (default test)")
     p.add_argument("--features", metavar="DIR",
                    help="feature cache of the same encoder (much faster than reading the images)")
@@ -373,15 +378,13 @@ def cmd_export(args) -> int:
 
 def _add_fit_phrases(sub) -> None:
     p = sub.add_parser("fit-phrases", help="learn each style's stock phrases, so that decoding avoids them",
-                       description="Caption training images in each style, find the word trigrams that end up "
-                       "in more than --target of the captions, and save them in the model folder "
-                       "(phrases.json): decoding then lowers the logit of the word that would complete one "
-                       "by strength * log(share / target). Runs in rounds: once the first stock phrases "
-                       "cost more the model reaches for the next ones, which the next round finds.")
-    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
-    p.add_argument("--dataset", choices=["flickr8k", "coco"], default="flickr8k",
-                   help="which dataset's layout DATA_DIR has (default flickr8k)")
-    p.add_argument("--data-dir", required=True, metavar="DIR", help="dataset folder, e.g. ../shared/data/flickr8k")
+                       description="Caption training images in each style, find the word bigrams and trigrams "
+                       "that end up in more of the captions than --target and than people use them in that "
+                       "style (with --style-file), and save them in the model folder (phrases.json): decoding "
+                       "then lowers the logit of the word that would complete one by strength * log(share / "
+                       "allowed share). Runs in rounds: once the first stock phrases cost more the model "
+                       "reaches for the next ones, which the next round finds.")
+    _model_and_dataset(p)
     p.add_argument("--features", metavar="DIR", help="feature cache of the same encoder (much faster)")
     p.add_argument("--style-file", metavar="FILE", help="styled captions jsonl (FlickrStyle7k format): "
                    "people's use of a phrase in a style (train split) is allowed to the model too")
@@ -390,7 +393,7 @@ def _add_fit_phrases(sub) -> None:
                    help="training images captioned per style and round (default 1500)")
     p.add_argument("--rounds", type=int, default=3, metavar="R", help="rounds (default 3)")
     p.add_argument("--target", type=float, default=0.03, metavar="SHARE",
-                   help="share of captions above which a trigram costs more (default 0.03)")
+                   help="share of captions below which no phrase costs more (default 0.03)")
     p.add_argument("--strength", type=float, default=1.0, metavar="NATS",
                    help="logit penalty per e-fold of over-use (default 1.0)")
     add_backend(p, default="torch")
