@@ -31,19 +31,23 @@ def _add_extract(sub) -> None:
                         "here, cosine >= 0.99), fp16 on older GPUs, else fp32; fp32 for exact features")
     p.add_argument("--workers", type=int, metavar="N", help="image-decoding worker processes (default: 1 on CPU, "
                    "up to 8 on a GPU)")
+    p.add_argument("--last-stage-input", action="store_true",
+                   help="cache what enters the encoder's last stage instead of its grid (Lite2: 7x7x208, a "
+                        "sixth of the size): `aicrl train --finetune-encoder` trains that stage on it")
     add_device_option(p)
     p.set_defaults(func=cmd_extract)
 
 
 def cmd_extract(args) -> int:
     from .data.datasets import load_dataset
-    from .data.features import extract_features
+    from .data.features import GRID, LAST_STAGE_INPUT, extract_features
     from .model.encoders import build_encoder
 
     data = load_dataset(args.dataset, args.data_dir)
     encoder = build_encoder(args.encoder, weights=args.encoder_weights)
     summary = extract_features(encoder, data.image_dir, data.images(), args.out, args.batch_size,
-                               args.precision, args.workers, args.device)
+                               args.precision, args.workers, args.device,
+                               LAST_STAGE_INPUT if args.last_stage_input else GRID)
     print(json.dumps(summary))
     return 0
 
@@ -93,7 +97,8 @@ TRAIN_HELP = {
     "scst_ce_all": "self-critical: draw that cross-entropy batch from all training captions, factual ones too",
     "seed": "random seed (initialisation, shuffling, dropout)",
     "out": "output folder: checkpoint.pt, log.jsonl, curves.png and the best model in OUT/best",
-    "finetune_encoder": "also train the encoder's last stage, on images instead of cached features (slow on CPU)",
+    "finetune_encoder": "also train the encoder's last stage (needs a --features cache made with "
+                        "`extract-features --last-stage-input`)",
     "encoder_lr": "learning rate of the encoder's last stage (with --finetune-encoder)",
 }
 

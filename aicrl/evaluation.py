@@ -230,15 +230,25 @@ def caption_images(captioner, names: list[str], features_of: Callable[[list[str]
 
 def features_source(captioner, image_dir: str | Path,
                     cache_dir: str | Path | None = None) -> Callable[[list[str]], Any]:
-    """Grids from a feature cache of the same encoder when given, else from the images."""
-    if cache_dir and not captioner.encoder_finetuned:
-        from .data.features import FeatureCache
+    """Grids from a feature cache of the same encoder when given (a cache of what enters the
+    encoder's last stage goes through the model's own last stage, fine-tuned or not), else from the
+    images."""
+    if cache_dir:
+        from .data.features import LAST_STAGE_INPUT, FeatureCache
 
         cache = FeatureCache(cache_dir)
         if cache.encoder != captioner.config.encoder:
             raise ValueError(f"cache {cache_dir} holds {cache.encoder} features, the model uses "
                              f"{captioner.config.encoder}")
-        return cache.get
+        if cache.stage == LAST_STAGE_INPUT and captioner.backend == "torch":
+            import torch
+
+            def through_last_stage(chunk: list[str]):
+                with torch.inference_mode():
+                    return captioner.encoder.last_stage(cache.get(chunk).to(captioner.device).float())
+            return through_last_stage
+        if cache.stage != LAST_STAGE_INPUT and not captioner.encoder_finetuned:
+            return cache.get
     return lambda chunk: captioner.encode([Path(image_dir) / n for n in chunk])
 
 

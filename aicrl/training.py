@@ -40,13 +40,13 @@ from tqdm import tqdm
 
 from .config import CaptionerConfig
 from .data.datasets import FACTUAL, CaptionData, load_dataset, read_style_jsonl
-from .data.features import FeatureCache, FeatureRows
-from .data.images import preprocess
+from .data.features import LAST_STAGE_INPUT, FeatureCache, FeatureRows
 from .data.vocab import Vocabulary, tokenize
 from .devices import autocast, autocast_dtype, data_parallel, distributed_backend, grad_scaler, resolve_device
-from .evaluation import caption_images, quick_scores
+from .evaluation import caption_images, diversity, quick_scores
 from .model.captioner import Captioner
 from .model.decoder import AttentionLSTMDecoder, caption_loss
+from .model.encoders import ENCODERS
 from .rewards import CiderD
 from .self_critical import sample, self_critical_loss
 
@@ -98,7 +98,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this many optimiser steps (0 = no limit): smoke runs, benchmarks
     seed: int = 0
     out: str = "runs/default"
-    finetune_encoder: bool = False  # train the encoder's last stage on images (slow on CPU)
+    finetune_encoder: bool = False  # train the encoder's last stage (on a last-stage-input cache)
     encoder_lr: float = 1e-4
     show_progress: bool = True
 
@@ -195,6 +195,16 @@ class Prepared:
     items: list[tuple[int, list[int], int]]  # (image row, word ids, style id) per training caption
     captioner: Captioner
     device: torch.device
+    last_stage_input: bool  # the cache holds what enters the encoder's last stage, not grids
+
+    def grids(self, cached: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+        """Cached rows -> (B, regions, dim) fp32 grids on the device: through the encoder's last
+        stage (trained or not) when the cache holds what enters it."""
+        x = cached.to(self.device, non_blocking=True).float()
+        if self.last_stage_input:
+            with autocast(self.device, amp):
+                x = self.captioner.encoder.last_stage(x).float()
+        return x
 
 
 def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -> Prepared:
@@ -204,6 +214,10 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
     keep = set(train_images)
     train_records = [r for r in data.select("train") if r.image in keep]
     cache = FeatureCache(cfg.features)
+    last_stage_input = cache.stage == LAST_STAGE_INPUT
+    if cfg.finetune_encoder and not last_stage_input:
+        raise ValueError(f"--finetune-encoder trains on what enters the encoder's last stage, and {cfg.features} "
+                         "holds finished grids: make a cache with `aicrl extract-features --last-stage-input`")
     missing = [n for n in train_images + dev_images if n not in cache.available]
     if missing:
         log.warning("%d images have no cached features and are left out", len(missing))
@@ -222,7 +236,9 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
     else:
         vocab = Vocabulary.build((r.caption for r in train_records), cfg.min_freq)
         styles = data.styles()
-        model_cfg = CaptionerConfig(encoder=cache.encoder, feature_dim=cache.dim, vocab_size=len(vocab),
+        model_cfg = CaptionerConfig(encoder=cache.encoder,
+                                    feature_dim=ENCODERS.get(cache.encoder, cache.dim) if last_stage_input else cache.dim,
+                                    vocab_size=len(vocab),
                                     embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
                                     attention_dim=cfg.attention_dim, style_dim=cfg.style_dim, styles=styles,
                                     dropout=cfg.dropout)
@@ -236,7 +252,7 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
                  len(items), len(train_images), len(dev_images), len(vocab), styles)
     return Prepared(data, vocab, styles, train_images, dev_images,
                     FeatureRows(cache, train_images, in_memory=cfg.features_in_memory), cache.get(dev_images),
-                    items, captioner.to(device), device)
+                    items, captioner.to(device), device, last_stage_input)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -244,26 +260,16 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
 class CrossEntropy:
     """Teacher forcing on every training caption; batches of captions sorted by length."""
 
-    def __init__(self, cfg: TrainConfig, run: Prepared, amp: torch.dtype | None, encoder=None):
-        self.cfg, self.run, self.amp, self.encoder = cfg, run, amp, encoder
+    def __init__(self, cfg: TrainConfig, run: Prepared, amp: torch.dtype | None):
+        self.cfg, self.run, self.amp = cfg, run, amp
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         return make_batches([len(it[1]) for it in self.run.items], self.cfg.batch_size,
                             np.random.default_rng([self.cfg.seed, epoch]))
 
-    def features(self, rows: list[int]) -> torch.Tensor:
-        """Cached grids, or (when fine-tuning) grids from the encoder being trained."""
-        device = self.run.device
-        if self.encoder is None:
-            return self.run.train_feats.batch(rows).to(device, non_blocking=True).float()
-        images = torch.stack([preprocess(self.run.data.image_dir / self.run.train_images[r]) for r in rows])
-        with autocast(device, self.amp):
-            images = images.to(device)
-            return self.encoder(images.contiguous(memory_format=torch.channels_last)).float()
-
     def loss(self, net: torch.nn.Module, batch: np.ndarray, items=None) -> torch.Tensor:
         chosen = [(items or self.run.items)[j] for j in batch]
-        feats = self.features([c[0] for c in chosen])
+        feats = self.run.grids(self.run.train_feats.batch([c[0] for c in chosen]), self.amp)
         device = self.run.device
         captions = pad([c[1] for c in chosen], self.run.vocab.pad).to(device, non_blocking=True)
         style_ids = torch.tensor([c[2] for c in chosen], device=device) if len(self.run.styles) > 1 else None
@@ -311,7 +317,7 @@ class SelfCritical:
         device = self.run.device
         style_ids = torch.full((len(rows),), self.factual, dtype=torch.long, device=device) \
             if len(self.run.styles) > 1 else None
-        feats = self.run.train_feats.batch(rows).to(device, non_blocking=True).float()
+        feats = self.run.grids(self.run.train_feats.batch(rows), self.amp)
         with autocast(device, self.amp):
             samples = sample(decoder, feats, v.start, v.end, n, self.cfg.scst_max_words, style_ids)
         rewards = torch.tensor(self.cider.scores(samples.word_lists(v.itos, v.end),
@@ -351,19 +357,19 @@ def run_epoch(objective, net: torch.nn.Module, optimizer, scaler, params: list, 
     return total / max(count, 1), count, rewards / max(count, 1)
 
 
-def evaluate_dev(run: Prepared, cfg: TrainConfig, encoder=None, amp=None) -> dict[str, float]:
-    """Dev BLEU-4 and CIDEr of beam search (`eval_beam`) on the dev images."""
+def evaluate_dev(run: Prepared, cfg: TrainConfig, amp=None) -> dict[str, float]:
+    """Dev BLEU-4 and CIDEr of beam search (`eval_beam`) on the dev images, and how many distinct
+    words and captions it wrote (self-critical training is known to shrink both)."""
     feats = run.dev_feats
-    if encoder is not None:  # a fine-tuned encoder makes its own dev grids
-        encoder.eval()
-        with torch.inference_mode(), autocast(run.device, amp):
-            feats = torch.cat([encoder(torch.stack([preprocess(run.data.image_dir / n) for n in
-                                                    run.dev_images[i:i + 64]]).to(run.device)).float()
-                               for i in range(0, len(run.dev_images), 64)])
+    if run.last_stage_input:  # the encoder's last stage (perhaps being trained) makes the grids
+        with torch.inference_mode():
+            feats = torch.cat([run.grids(feats[i:i + 100], amp) for i in range(0, len(feats), 100)])
     row = {n: i for i, n in enumerate(run.dev_images)}
     preds = caption_images(run.captioner, run.dev_images, lambda chunk: feats[[row[n] for n in chunk]],
                            cfg.eval_beam, batch_size=100, progress=False)
-    return quick_scores(preds, run.data.references("dev"))
+    varied = diversity(preds)
+    return quick_scores(preds, run.data.references("dev")) | {"words": varied["distinct_words"],
+                                                              "captions": varied["distinct_captions"]}
 
 
 def save_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, scaler, progress: dict,
@@ -406,8 +412,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     random.seed(cfg.seed)
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; choose from {sorted(OBJECTIVES)}")
-    if cfg.objective == "self-critical" and cfg.finetune_encoder:
-        raise ValueError("self-critical training runs on cached features: drop --finetune-encoder")
     if cfg.objective == "self-critical" and world > 1:
         # sampling calls the decoder's steps, not DistributedDataParallel's forward, so gradients
         # would not be averaged across processes
@@ -418,7 +422,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     scaler = grad_scaler(device, amp)
     groups = [{"params": list(decoder.parameters())}]
     encoder = None
-    if cfg.finetune_encoder:  # the paper fine-tunes: the encoder's last stage learns on the images
+    if cfg.finetune_encoder:  # the paper fine-tunes: the encoder's last stage learns on its cached input
         encoder = captioner.encoder
         encoder.set_trainable(last_stage=True)
         captioner.encoder_finetuned = True
@@ -434,7 +438,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_decay,
                                                            patience=cfg.lr_patience)
     objective = (SelfCritical(cfg, run, amp) if cfg.objective == "self-critical"
-                 else CrossEntropy(cfg, run, amp, encoder))
+                 else CrossEntropy(cfg, run, amp))
 
     progress = {"epoch": 0, "step": 0, "best": -math.inf, "bad_epochs": 0, "history": []}
     ckpt_path = out / "checkpoint.pt"
@@ -453,8 +457,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if progress["bad_epochs"] >= cfg.early_stop or (cfg.max_steps and progress["step"] >= cfg.max_steps):
             break
         t0, cpu0 = time.perf_counter(), time.process_time()
-        if encoder is not None:
-            encoder.train()
         # Same order on every process and on resume: the shuffle depends only on (seed, epoch).
         batches = objective.batches(epoch)
         batches = batches[: len(batches) // world * world][rank::world]
@@ -467,13 +469,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
 
         # --- evaluate on dev (rank 0), share the score so every process steps the same way
-        score = torch.zeros(2, device=device)  # nccl only moves GPU tensors
+        keys = ("BLEU-4", "CIDEr", "words", "captions")
+        score = torch.zeros(len(keys), device=device)  # nccl only moves GPU tensors
         if main_process:
-            dev = evaluate_dev(run, cfg, encoder, amp)
-            score = torch.tensor([dev["BLEU-4"], dev["CIDEr"]], device=device)
+            dev = evaluate_dev(run, cfg, amp)
+            score = torch.tensor([float(dev[k]) for k in keys], device=device)
         if world > 1:
             dist.broadcast(score, 0)
-        dev = {"BLEU-4": float(score[0]), "CIDEr": float(score[1])}
+        dev = {k: float(v) for k, v in zip(keys, score.tolist())}
         current = dev[cfg.metric]
         scheduler.step(current)
         improved = current > progress["best"]
@@ -484,6 +487,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                         "train_loss": round(loss, 4), **({"train_reward": round(reward, 4)}
                                                          if isinstance(objective, SelfCritical) else {}),
                         "dev_BLEU-4": round(dev["BLEU-4"], 4), "dev_CIDEr": round(dev["CIDEr"], 4),
+                        "dev_words": int(dev["words"]), "dev_captions": int(dev["captions"]),
                         "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
                         "train_cpu_seconds": round(train_cpu_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
                         "captions_per_s": round(steps * per_step * world / train_seconds, 1)})

@@ -252,13 +252,42 @@ def test_style_classifier_and_content_overlap():
     assert content_overlap({"x": "a happy dog in love", "y": "the moon is bright"}, refs) == 0.5
 
 
-def test_finetuning_the_encoder_last_stage(tiny_flickr, tiny_cache, tmp_path, lite2):
-    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), finetune_encoder=True, epochs=1,
-                      out=str(tmp_path / "ft"), **(SMALL | {"encoder_lr": 1e-2}))
+def test_encoder_splits_before_its_last_stage(lite2):
+    from aicrl.model.encoders import build_encoder
+
+    images = torch.randn(2, 3, 224, 224)
+    for encoder in (lite2, build_encoder("resnet50", pretrained=False)):
+        with torch.inference_mode():
+            whole, front = encoder(images), encoder.up_to_last_stage(images)
+            assert torch.allclose(encoder.last_stage(front), whole)
+            assert torch.allclose(encoder.last_stage(front.flatten(2).transpose(1, 2)), whole)  # as cached
+
+
+@pytest.mark.parametrize("objective", ["cross-entropy", "self-critical"])
+def test_finetuning_the_encoder_last_stage(objective, tiny_flickr, tiny_last_stage_cache, tmp_path, lite2):
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_last_stage_cache), finetune_encoder=True,
+                      epochs=1, objective=objective, out=str(tmp_path / "ft"), **(SMALL | {"encoder_lr": 1e-2}))
     train(cfg)
-    model = Captioner.from_pretrained(tmp_path / "ft" / "best")
-    assert model.encoder_finetuned
+    model = Captioner.from_pretrained(tmp_path / "ft" / "best", backend="torch")
+    assert model.encoder_finetuned and model.config.feature_dim == 1280
     tuned, original = model.encoder.state_dict(), lite2.state_dict()
     last = f"trunk.net._blocks.{len(lite2.trunk.net._blocks) - 1}._project_conv.weight"
     assert not torch.allclose(tuned[last], original[last])  # the last stage learnt
     assert torch.equal(tuned["trunk.net._conv_stem.weight"], original["trunk.net._conv_stem.weight"])  # frozen
+    bn = f"trunk.net._blocks.{len(lite2.trunk.net._blocks) - 1}._bn2.running_mean"
+    assert torch.equal(tuned[bn], original[bn].half().float())  # BatchNorm statistics stay ImageNet's
+    # evaluation on the same cache runs it through the fine-tuned stage, as the images would
+    from aicrl.evaluation import features_source
+
+    names = FeatureCache(tiny_last_stage_cache).names[:2]
+    cached = features_source(model, tiny_flickr / "images", tiny_last_stage_cache)(names)
+    direct = features_source(model, tiny_flickr / "images")(names)
+    gap = (torch.as_tensor(cached).float() - torch.as_tensor(direct).float()).abs()
+    assert gap.mean() < 0.05, gap.mean()  # the cache is bf16 here: close, not equal
+
+
+def test_finetuning_needs_a_last_stage_cache(tiny_flickr, tiny_cache, tmp_path):
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), finetune_encoder=True, epochs=1,
+                      out=str(tmp_path / "ft"), **SMALL)
+    with pytest.raises(ValueError, match="--last-stage-input"):
+        train(cfg)

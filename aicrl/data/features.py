@@ -3,7 +3,9 @@
 Layout of a cache folder:
     features.npy   (N, regions, dim) float16, memory-mapped
     done.npy       (N,) uint8, 1 once an image's row is written (makes extraction resumable)
-    index.json     encoder, shape and the image names, row i <-> images[i]
+    index.json     encoder, shape and the image names, row i <-> images[i]; "stage":
+                   "last-stage-input" when the rows hold what enters the encoder's last stage
+                   (for fine-tuning it) instead of the finished grid
     failed.json    images that could not be read, with the reason
 """
 from __future__ import annotations
@@ -25,6 +27,9 @@ from .images import ImageLoadError, preprocess
 
 log = logging.getLogger(__name__)
 
+GRID, LAST_STAGE_INPUT = "grid", "last-stage-input"
+STAGES = (GRID, LAST_STAGE_INPUT)
+
 
 class _ImageFiles(Dataset):
     def __init__(self, image_dir: Path, names: Sequence[str], rows: Sequence[int]):
@@ -43,8 +48,10 @@ class _ImageFiles(Dataset):
 
 def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Sequence[str],
                      out_dir: str | Path, batch_size: int = 32, precision: str = "auto",
-                     num_workers: int | None = None, device: str | torch.device = "cpu") -> dict:
-    """Write the grid features of `names` (files in `image_dir`) to the cache `out_dir`.
+                     num_workers: int | None = None, device: str | torch.device = "cpu",
+                     stage: str = GRID) -> dict:
+    """Write the grid features of `names` (files in `image_dir`) to the cache `out_dir`; with
+    `stage="last-stage-input"`, what enters the encoder's last stage (its fine-tuning trains on that).
 
     Resumable: rows already marked done are skipped, so rerunning after an interruption continues.
     `num_workers` image-decoding processes (None: 1 on CPU, where the encoder needs the cores, up to
@@ -57,11 +64,17 @@ def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Seq
     device = resolve_device(device)
     if num_workers is None:
         num_workers = 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; choose from {STAGES}")
     encoder = encoder.eval().to(device, memory_format=torch.channels_last)
+    if stage == LAST_STAGE_INPUT:  # (B, C, H, W) -> (B, H*W, C), the layout of grids
+        encode = lambda images: encoder.up_to_last_stage(images).flatten(2).transpose(1, 2)  # noqa: E731
+    else:
+        encode = encoder
     with torch.inference_mode():
-        regions, dim = encoder(torch.zeros(1, 3, 224, 224, device=device)).shape[1:]
+        regions, dim = encode(torch.zeros(1, 3, 224, 224, device=device)).shape[1:]
     index = {"encoder": getattr(encoder, "name", "custom"), "regions": int(regions), "dim": int(dim),
-             "dtype": "float16", "images": names}
+             "dtype": "float16", "images": names} | ({"stage": stage} if stage != GRID else {})
     index_file = out / "index.json"
     if index_file.exists():
         old = json.loads(index_file.read_text())
@@ -93,7 +106,7 @@ def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Seq
                 batch = images if len(ok) == len(errors) else images[ok]  # (indexing would unpin)
                 batch = batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with autocast(device, dtype):
-                    grid = encoder(batch)
+                    grid = encode(batch)
                 rows_ok = rows[ok].numpy()
                 feats[rows_ok] = grid.half().cpu().numpy()  # fp16 before the copy: half the transfer
                 feats.flush()
@@ -119,6 +132,7 @@ class FeatureCache:
         self.dir = Path(cache_dir)
         index = json.loads((self.dir / "index.json").read_text())
         self.encoder, self.regions, self.dim = index["encoder"], index["regions"], index["dim"]
+        self.stage = index.get("stage", GRID)
         self.names: list[str] = index["images"]
         self.row = {n: i for i, n in enumerate(self.names)}
         self.features = np.load(self.dir / "features.npy", mmap_mode="r")
