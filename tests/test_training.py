@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from aicrl.data.features import FeatureCache
+from aicrl.data.images import preprocess
 from aicrl.decoding import beam_search, greedy
 from aicrl.model.captioner import Captioner
 from aicrl.training import TrainConfig, train
@@ -284,6 +285,17 @@ def test_finetuning_the_encoder_last_stage(objective, tiny_flickr, tiny_last_sta
     direct = features_source(model, tiny_flickr / "images")(names)
     gap = (torch.as_tensor(cached).float() - torch.as_tensor(direct).float()).abs()
     assert gap.mean() < 0.05, gap.mean()  # the cache is bf16 here: close, not equal
+    if objective == "cross-entropy":  # the ONNX export carries the fine-tuned stage
+        from aicrl.export import export_onnx
+
+        export_onnx(tmp_path / "ft" / "best")
+        onnx = Captioner.from_pretrained(tmp_path / "ft" / "best", backend="onnx")
+        images = [tiny_flickr / "images" / n for n in names]
+        exported = torch.as_tensor(onnx.encode(images)).float()
+        assert torch.allclose(exported, torch.as_tensor(direct).float(), atol=1e-2)
+        with torch.inference_mode():
+            untuned = lite2(torch.stack([preprocess(i) for i in images]))
+        assert not torch.allclose(exported, untuned, atol=1e-2)
 
 
 def test_finetuning_needs_a_last_stage_cache(tiny_flickr, tiny_cache, tmp_path):
