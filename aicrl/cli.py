@@ -354,6 +354,8 @@ def cmd_evaluate(args) -> int:
         Path(args.out).write_text(text + "\n")
     if args.save_to_model:
         key = f"{settings['split'].replace(' ', '_')}_{args.style or FACTUAL}".lower()
+        if args.beam_size != 3:  # other decodings get their own entry beside the default's
+            key += "_greedy" if args.beam_size == 1 else f"_beam{args.beam_size}"
         metrics_file = Path(args.model or default_model_dir()) / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         metrics_file.write_text(json.dumps(metrics | {key: result}, indent=2) + "\n")

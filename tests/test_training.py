@@ -218,6 +218,17 @@ def test_evaluate_command_scores_with_the_coco_toolkit(trained, tiny_flickr, tin
     assert set(result["nltk_corpus_bleu"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
     assert result["images"] == 2
 
+    # --save-to-model files each decoding under its own key in the model's metrics.json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(cfg.out, "best"), model)
+    for beam in ("3", "1"):
+        assert main(["evaluate", "--model", str(model), "--data-dir", str(tiny_flickr), "--features",
+                     str(tiny_cache), "--split", "dev", "--beam-size", beam, "--save-to-model"]) == 0
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["dev_factual"]["beam_size"] == 3 and metrics["dev_factual_greedy"]["beam_size"] == 1
+
 
 def test_metrics_are_right_on_known_cases():
     from aicrl.evaluation import coco_scores, sentence_bleu
