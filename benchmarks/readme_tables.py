@@ -29,6 +29,7 @@ PUBLISHED = [
 QUALITY_ROWS = [
     ("test_factual", "**AICRL shipped model**, beam 3"),
     ("test_factual_greedy", "the same, greedy decoding"),
+    ("frozen_encoder_test", "before fine-tuning the encoder's last stage (the previous model), beam 3"),
     ("cross_entropy_start_test", "before self-critical training (the cross-entropy model it started from), beam 3"),
 ]
 STYLE_ROWS = [
