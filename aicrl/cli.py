@@ -127,9 +127,11 @@ def _train_options(sub, name: str, **kwargs) -> argparse.ArgumentParser:
 
 def _add_train(sub) -> None:
     p = _train_options(sub, "train", help="train the attention-LSTM decoder on cached features",
-                       description="Train a captioner by maximum likelihood (teacher forcing) on a feature "
-                       "cache. Writes checkpoint.pt after every epoch, log.jsonl, curves.png and the best "
-                       "epoch as a model folder OUT/best. Works under torchrun --nproc_per_node=N.")
+                       description="Train a captioner on a feature cache, by maximum likelihood (teacher "
+                       "forcing) or, from a trained model (--init-from), by self-critical training on CIDEr-D "
+                       "(--objective self-critical); --finetune-encoder also trains the encoder's last stage. "
+                       "Writes checkpoint.pt after every epoch, log.jsonl, curves.png and the best epoch as a "
+                       "model folder OUT/best. Works under torchrun --nproc_per_node=N (cross-entropy).")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.set_defaults(func=cmd_train)
 
