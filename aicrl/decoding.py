@@ -5,6 +5,7 @@ The search never sees a framework: a `StepDecoder` (the torch decoder for traini
     start(features, styles, repeat) -> state        state of B images, each row repeated `repeat` times
     step(words, state) -> (logits, state, attention)  one word for every row: (N, V), state, (N, R)
     reorder(state, rows) -> state                   keep/duplicate rows (beams move within an image)
+    select(state, rows) -> state                    keep the rows of some images (the others are done)
 so there is one beam search to maintain. Both return, for every image, a list of `Hypothesis`
 (best first): the word ids, the total log-probability, the length-normalised score used for
 ranking, and the attention of every word.
@@ -29,6 +30,8 @@ class StepDecoder(Protocol):
     def step(self, words: np.ndarray, state: Any) -> tuple[np.ndarray, Any, np.ndarray]: ...
 
     def reorder(self, state: Any, rows: np.ndarray) -> Any: ...
+
+    def select(self, state: Any, rows: np.ndarray) -> Any: ...
 
 
 @dataclass
@@ -171,43 +174,58 @@ def beam_search(decoder, features, start: int, end: int, beam_size: int = 3, n_b
     lengths = np.zeros((B, k), dtype=np.int64)
     tokens = np.zeros((B, k, 0), dtype=np.int64)
     alphas = np.zeros((B, k, 0, R), dtype=np.float32)
-    batch_index = np.arange(B)[:, None]
     done_row = None  # a finished beam may only continue with <end>, at log-probability 0
+    # The images still decoding; the state holds only their rows. An image whose k beams have all
+    # finished can no longer change, so it leaves the batch (about 40% of the step rows of a batch
+    # of 32 photos) and its columns are padded with <end>.
+    active = np.arange(B)
 
     for t in range(max_length):
         logits, state, alpha = steps.step(words, state)
         base_logits = None
         if guided:
             base_logits, base_state, _ = steps.step(words, base_state)
-        history = tokens.reshape(B * k, t)
+        A = len(active)
+        history = tokens[active].reshape(A * k, t)
         bans = None if content is None else repetition_bans(history, content)
         penalty = None if phrases is None else phrases.penalty(history)
         step_lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans,
-                                 penalty=penalty).reshape(B, k, -1)
+                                 penalty=penalty).reshape(A, k, -1)
         vocab = step_lp.shape[-1]
         if done_row is None:
             done_row = np.full(vocab, NEG_INF, dtype=np.float32)
             done_row[end] = 0.0
-        step_lp = np.where(finished[:, :, None], done_row, step_lp)
-        total = logprob[:, :, None] + step_lp  # (B, k, V)
-        new_len = lengths[:, :, None] + (~finished)[:, :, None]
+        was_finished = finished[active]
+        step_lp = np.where(was_finished[:, :, None], done_row, step_lp)
+        total = logprob[active][:, :, None] + step_lp  # (A, k, V)
+        new_len = lengths[active][:, :, None] + (~was_finished)[:, :, None]
         rank = _length_normalise(total, new_len, length_penalty)
         # Candidates are ranked by the normalised score; keep the best k per image.
-        top = _top_k(rank.reshape(B, -1), k)
+        top = _top_k(rank.reshape(A, -1), k)
         beam, word = top // vocab, top % vocab
-        logprob = np.take_along_axis(total.reshape(B, -1), top, 1)
-        lengths = np.take_along_axis(new_len[:, :, 0], beam, 1)
-        finished = np.take_along_axis(finished, beam, 1) | (word == end)
-        tokens = np.concatenate([tokens[batch_index, beam], word[:, :, None]], 2)
-        alpha = np.asarray(alpha, dtype=np.float32).reshape(B, k, R)
-        alphas = np.concatenate([alphas[batch_index, beam], alpha[batch_index, beam][:, :, None]], 2)
-        rows = (batch_index * k + beam).reshape(-1)
+        logprob[active] = np.take_along_axis(total.reshape(A, -1), top, 1)
+        lengths[active] = np.take_along_axis(new_len[:, :, 0], beam, 1)
+        finished[active] = np.take_along_axis(was_finished, beam, 1) | (word == end)
+        image = np.arange(A)[:, None]
+        tokens = np.concatenate([tokens, np.full((B, k, 1), end, dtype=np.int64)], 2)
+        tokens[active] = np.concatenate([tokens[active, :, :t][image, beam], word[:, :, None]], 2)
+        alpha = np.asarray(alpha, dtype=np.float32).reshape(A, k, R)
+        alphas = np.concatenate([alphas, np.zeros((B, k, 1, R), dtype=np.float32)], 2)
+        alphas[active] = np.concatenate([alphas[active, :, :t][image, beam], alpha[image, beam][:, :, None]], 2)
+        rows = (image * k + beam).reshape(-1)
         state = steps.reorder(state, rows)
         if guided:
             base_state = steps.reorder(base_state, rows)
         words = word.reshape(-1).astype(np.int64)
-        if finished.all():
+        going = ~finished[active].all(1)
+        if not going.any():
             break
+        if not going.all():
+            keep = (np.nonzero(going)[0][:, None] * k + np.arange(k)).reshape(-1)
+            state = steps.select(state, keep)
+            if guided:
+                base_state = steps.select(base_state, keep)
+            words, active = words[keep], active[going]
 
     score = _length_normalise(logprob, lengths, length_penalty)
     order = np.argsort(-score, axis=1, kind="stable")
@@ -255,24 +273,36 @@ def sample(decoder, features, start: int, end: int, n: int = 1, max_length: int 
     lengths = np.zeros(N, dtype=np.int64)  # words emitted, counting <end>
     finished = np.zeros(N, dtype=bool)
     alphas = []
-    rows = np.arange(N)
+    live = np.arange(N)  # the rows still decoding (the state holds only these), as in beam_search
     for t in range(max_length):
         logits, state, alpha = steps.step(words, state)
         base_logits = None
         if guided:
             base_logits, base_state, _ = steps.step(words, base_state)
-        bans = None if content is None else repetition_bans(tokens, content)
-        penalty = None if phrases is None else phrases.penalty(tokens)
+        history = tokens[live]
+        bans = None if content is None else repetition_bans(history, content)
+        penalty = None if phrases is None else phrases.penalty(history)
         lp = _word_logprobs(logits, start, end, t > 0, base_logits, guidance, banned_words=bans, penalty=penalty)
         words = lp.argmax(-1) if temperature == 0 else _nucleus(lp, temperature, top_p, rng)
-        words = np.where(finished, end, words).astype(np.int64)
-        logprob += np.where(finished, 0, lp[rows, words])
-        lengths += ~finished
-        finished |= words == end
-        tokens = np.concatenate([tokens, words[:, None]], 1)
-        alphas.append(np.asarray(alpha, dtype=np.float32))
-        if finished.all():
+        logprob[live] += lp[np.arange(len(live)), words]
+        lengths[live] += 1
+        finished[live] = words == end
+        column = np.full(N, end, dtype=np.int64)
+        column[live] = words
+        tokens = np.concatenate([tokens, column[:, None]], 1)
+        step_alpha = np.zeros((N, alpha.shape[-1]), dtype=np.float32)
+        step_alpha[live] = np.asarray(alpha, dtype=np.float32)
+        alphas.append(step_alpha)
+        going = words != end
+        if not going.any():
             break
+        if not going.all():
+            keep = np.nonzero(going)[0]
+            state = steps.select(state, keep)
+            if guided:
+                base_state = steps.select(base_state, keep)
+            words, live = words[keep], live[keep]
+        words = words.astype(np.int64)
     att = np.stack(alphas, 1)
     score = _length_normalise(logprob, lengths, length_penalty)
     results = []

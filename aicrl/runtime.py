@@ -119,6 +119,9 @@ class OnnxSteps:
         # Beams move only within their image: its context rows are all the same, only h and c move.
         return state | {"h": state["h"][rows], "c": state["c"][rows]}
 
+    def select(self, state: dict, rows: np.ndarray) -> dict:
+        return {k: v[rows] for k, v in state.items()}
+
 
 class OnnxModel:
     """The three ONNX graphs of a model folder, loaded once. `threads`: ONNX Runtime's intra-op

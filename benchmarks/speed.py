@@ -1,11 +1,13 @@
 """Speed of the shipped model on this machine, torch and ONNX Runtime side by side in one run.
 
     python benchmarks/speed.py [--model DIR] [--images FOLDER] [--runs 30] [--count 64] [--json]
-                               [--backends torch,onnx] [--training]
+                               [--backends torch,onnx[,torch-fp32]] [--training]
 
 Measures, per backend: one image end to end (read the file, preprocess, encode, beam search) p50/p95,
 batch-of-32 throughput, the decoder alone, a cold `aicrl caption one.jpg` process (wall) and
-`aicrl --help`. The backends are measured alternately, run by run, so a machine that is busy with
+`aicrl --help`. `torch-fp32` is the torch path with autocast off: what `precision: auto` runs on a CPU
+without native bf16 (AVX2 only), so the ratio on such machines can be seen on this one too. The
+backends are measured alternately, run by run, so a machine that is busy with
 something else slows both alike and the ratios stay fair. Prints a Markdown table (or JSON).
 """
 from __future__ import annotations
@@ -131,6 +133,15 @@ ROWS = [("one image end to end, p50", "one_image_p50_ms", "{:.0f} ms", "lower"),
         ("cold `aicrl caption one.jpg` (wall)", "cold_caption_s", "{:.2f} s", "lower")]
 
 
+def load(model: str | None, backend: str) -> Captioner:
+    """`backend`: torch, onnx, or torch-fp32 (torch with autocast off)."""
+    if backend != "torch-fp32":
+        return Captioner.from_pretrained(model, backend=backend)
+    captioner = Captioner.from_pretrained(model, backend="torch")
+    captioner.config.precision = "fp32"
+    return captioner
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the shipped model)")
@@ -139,14 +150,14 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="single-image latency runs")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx")
+    parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx, torch-fp32")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-process measures")
     parser.add_argument("--training", action="store_true", help="also measure training steps (torch)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     backends = args.backends.split(",")
-    models = {name: Captioner.from_pretrained(args.model, backend=name) for name in backends}
+    models = {name: load(args.model, name) for name in backends}
     paths = image_files(args.images, recursive=False)
     images = [load_image(paths[i % len(paths)]) for i in range(args.count)]
     result: dict = {"machine": machine(), "beam_size": args.beam_size, "batch_size": args.batch_size,
@@ -158,7 +169,7 @@ def main() -> int:
     for name, values in throughput(models, images, args.beam_size, args.batch_size).items():
         per[name] |= values
     if not args.no_cold:
-        cold = cold_start(backends, args.model, paths[0])
+        cold = cold_start([b for b in backends if b in ("torch", "onnx")], args.model, paths[0])
         result["help_s"] = cold.pop("help_s")
         for name, values in cold.items():
             per[name] |= values
@@ -173,10 +184,12 @@ def main() -> int:
     print("| measure | " + " | ".join(backends) + (" | onnx / torch |" if both else " |"))
     print("|---|" + "---:|" * (len(backends) + both))
     for label, key, fmt, _ in ROWS:
-        if not all(key in per[b] for b in backends):
+        if not all(key in per[b] for b in backends if b != "torch-fp32"):
             continue
-        cells = [fmt.format(per[b][key]) for b in backends]
+        cells = [fmt.format(per[b][key]) if key in per[b] else "" for b in backends]
         ratio = [f"{per['onnx'][key] / per['torch'][key]:.2f}x"] if both else []
+        if both and "torch-fp32" in per and key in per["torch-fp32"]:
+            ratio[0] += f" ({per['onnx'][key] / per['torch-fp32'][key]:.2f}x fp32)"
         print(f"| {label.format(batch=args.batch_size)} | " + " | ".join(cells + ratio) + " |")
     if "help_s" in result:
         print(f"| `aicrl --help` (wall) | " + " | ".join([f"{result['help_s']:.2f} s"] * len(backends))

@@ -32,6 +32,8 @@ class ScriptedSteps:
     def reorder(self, state, rows):
         return state[rows]
 
+    select = reorder
+
 
 # vocabulary: 0 <pad>, 1 <start>, 2 <end>, 3 <unk>, 4 "to", 5 "impress", 6 "his", 7 "lover", 8 "friends"
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "to", "impress", "his", "lover", "friends"]

@@ -45,3 +45,7 @@ class TorchSteps:
         feats, projected, style, h, c = state
         index = torch.as_tensor(rows, device=h.device)
         return feats, projected, style, h[index], c[index]
+
+    def select(self, state, rows: np.ndarray):
+        index = torch.as_tensor(rows, device=state[3].device)
+        return tuple(None if x is None else x[index] for x in state)
