@@ -372,16 +372,24 @@ def _add_export(sub) -> None:
                        "`aicrl caption`, `index` and `serve` then run on ONNX Runtime. Rerun after the "
                        "weights change: a stale export is refused. Needs aicrl[train] (torch).")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
-    p.add_argument("--int8", action="store_true", help="quantize the decoder step's weights to int8 "
-                   "(dynamic quantization: smaller; see the README for its speed and quality here)")
+    p.add_argument("--int8", action="store_true", help="quantize to int8: the encoder statically (calibrated "
+                   "on --calibration photos), the decoder step dynamically; faster and smaller, captions change "
+                   "for some photos (see the README for its speed and quality here)")
+    p.add_argument("--calibration", metavar="DIR", help="with --int8: a folder of photos like the ones you will "
+                   "caption (up to 64 are used, each also mirrored)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
     from .export import export_onnx
 
-    command = "aicrl export" + (f" --model {args.model}" if args.model else "") + (" --int8" if args.int8 else "")
-    print(json.dumps(export_onnx(args.model, int8=args.int8, command=command), indent=2))
+    command = "aicrl export" + (f" --model {args.model}" if args.model else "") + (
+        f" --int8 --calibration {args.calibration}" if args.int8 else "")
+    try:
+        manifest = export_onnx(args.model, int8=args.int8, command=command, calibration=args.calibration)
+    except ValueError as e:  # --int8 without --calibration photos
+        sys.exit(f"aicrl export: {e}")
+    print(json.dumps(manifest, indent=2))
     return 0
 
 

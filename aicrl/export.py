@@ -1,12 +1,13 @@
 """`aicrl export`: write a model folder's ONNX files (see aicrl/runtime.py for what they hold).
 
-    export_onnx(model_dir, int8=False) -> manifest dict
+    export_onnx(model_dir, int8=False, calibration=None) -> manifest dict
 
 The three graphs come from the torch modules as they are: the encoder with its fine-tuned layers
 (if any), `AttentionLSTMDecoder.start()` and `AttentionLSTMDecoder.step()`. Weights are stored
 as fp16 (the decoder's are fp16 in model.safetensors already, so that is lossless) and cast to fp32
-once when ONNX Runtime loads them; with `int8` the decoder step's matrix products are quantized
-dynamically (int8 weights, activations quantized per call). Every graph is checked against torch
+once when ONNX Runtime loads them. With `int8` the decoder step's matrix products are quantized
+dynamically (int8 weights, activations quantized per call) and the encoder statically (int8
+weights per channel, activation ranges measured on `calibration` photos). Every graph is checked against torch
 on the same inputs before the manifest is written; the manifest records the SHA-256 of
 model.safetensors, so a later change of weights makes the export stale (`runtime.check_export`).
 """
@@ -104,13 +105,51 @@ def _quantize_int8(path: Path) -> None:
         os.replace(out, path)
 
 
+def calibration_batch(folder: str | Path, limit: int = 64) -> np.ndarray:
+    """Up to `limit` photos of `folder`, preprocessed, each also mirrored: the activations whose
+    ranges the int8 encoder is calibrated on."""
+    from .data.images import image_files, load_image, preprocess_array
+
+    files = image_files(folder)[:limit]
+    if not files:
+        raise ValueError(f"--calibration {folder}: no photos there (jpg, png, ...)")
+    batch = np.stack([preprocess_array(load_image(f)) for f in files]).astype(np.float32)
+    return np.ascontiguousarray(np.concatenate([batch, batch[..., ::-1]]))
+
+
+def _quantize_encoder_int8(path: Path, images: np.ndarray) -> None:
+    """Static int8 (QDQ, per-channel weights, MinMax activation ranges): EfficientNet-Lite was made
+    for it (ReLU6, no squeeze-excitation). ONNX Runtime fuses the pairs into int8 convolutions."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(np.array_split(images, max(1, len(images) // 16)))
+
+        def get_next(self):
+            return {"images": np.ascontiguousarray(b) for b in [next(self.batches, None)] if b is not None} or None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "q.onnx"
+        quant_pre_process(str(path), str(prepared))
+        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        os.replace(out, path)
+
+
 def _max_diff(a: list[np.ndarray], b: list[torch.Tensor]) -> float:
     return max(float(np.abs(x - y.detach().float().numpy()).max()) for x, y in zip(a, b))
 
 
-def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command: str | None = None) -> dict:
+def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command: str | None = None,
+                calibration: str | Path | None = None) -> dict:
     """Export the model folder `model_dir` (default: the shipped model) into ONNX files beside its
-    weights; returns the manifest (also written as onnx.json)."""
+    weights; returns the manifest (also written as onnx.json). `int8` needs `calibration`, a folder
+    of photos (a few dozen like the ones to caption are plenty)."""
+    if int8 and not calibration:
+        raise ValueError("--int8 needs --calibration DIR: photos to measure the encoder's activation ranges on")
+    calibration_images = calibration_batch(calibration) if int8 else None
     from .model.captioner import Captioner, default_model_dir
 
     model_dir = Path(model_dir) if model_dir else default_model_dir()
@@ -142,6 +181,8 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         for key in ONNX_FILES:
             if int8 and key == "step":
                 _quantize_int8(tmp / ONNX_FILES[key])
+            if int8 and key == "encoder":
+                _quantize_encoder_int8(tmp / ONNX_FILES[key], calibration_images)
             _store_fp16(tmp / ONNX_FILES[key])
         weights = model_dir / WEIGHTS
         manifest = {
@@ -150,12 +191,13 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
             "encoder": cfg.encoder,
             "encoder_finetuned": model.encoder_finetuned,
             "int8": int8,
+            **({"calibration_images": len(calibration_images)} if int8 else {}),
             "opset": OPSET,
             "torch": torch.__version__,
             "parameters": {"encoder": int(sum(p.numel() for p in encoder.parameters())),
                            "decoder": int(sum(p.numel() for p in decoder.parameters()))},
             "files": {name: file_sha256(tmp / name) for name in ONNX_FILES.values()},
-            "command": command or f"aicrl export --model {model_dir}" + (" --int8" if int8 else ""),
+            "command": command or f"aicrl export --model {model_dir}" + (f" --int8 --calibration {calibration}" if int8 else ""),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         # Check the ONNX graphs against torch on the same inputs before they replace anything.
