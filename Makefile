@@ -44,7 +44,7 @@ export: $(FULL)
 	$(VENV)/bin/aicrl export
 
 benchmark: $(FULL)
-	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/speed.py --runs 15 --count 32 --backends torch,onnx,torch-fp32
 
 benchmark-serving: $(BASE)
 	$(PY) benchmarks/serving_load.py
