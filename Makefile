@@ -41,7 +41,7 @@ screenshot: $(FULL)
 
 # Rewrite the shipped model's ONNX files after its weights changed (the tests refuse a stale export).
 export: $(FULL)
-	$(VENV)/bin/aicrl export
+	$(VENV)/bin/aicrl export --int8 --calibration tests/samples
 
 benchmark: $(FULL)
 	$(PY) benchmarks/speed.py --runs 15 --count 32 --backends torch,onnx,torch-fp32

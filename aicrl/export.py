@@ -5,9 +5,10 @@
 The three graphs come from the torch modules as they are: the encoder with its fine-tuned layers
 (if any), `AttentionLSTMDecoder.start()` and `AttentionLSTMDecoder.step()`. Weights are stored
 as fp16 (the decoder's are fp16 in model.safetensors already, so that is lossless) and cast to fp32
-once when ONNX Runtime loads them. With `int8` the decoder step's matrix products are quantized
-dynamically (int8 weights, activations quantized per call) and the encoder statically (int8
-weights per channel, activation ranges measured on `calibration` photos). Every graph is checked against torch
+once when ONNX Runtime loads them. With `int8`, int8 copies of the encoder and the decoder step are
+written beside them (`runtime.INT8_FILES`): the step's matrix products quantized dynamically (int8
+weights, activations quantized per call), the encoder statically (int8 weights per channel,
+activation ranges measured on `calibration` photos). Every fp32 graph is checked against torch
 on the same inputs before the manifest is written; the manifest records the SHA-256 of
 model.safetensors, so a later change of weights makes the export stale (`runtime.check_export`).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 
 from .model.tags import CLASSIFIER_FILE, save_head
-from .runtime import MANIFEST, ONNX_FILES, WEIGHTS, OnnxModel, file_sha256
+from .runtime import INT8_FILES, MANIFEST, ONNX_FILES, WEIGHTS, OnnxModel, file_sha256
 
 
 OPSET = 17
@@ -178,12 +180,14 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         words = torch.tensor([model.vocab.start, 4])
         step_args = (words, h, c, feats, projected) + ((style,) if styled else ())
         _export(_Step(decoder), step_args, tmp / ONNX_FILES["step"], step_inputs, ["logits", "h_out", "c_out", "alpha"])
-        for key in ONNX_FILES:
-            if int8 and key == "step":
-                _quantize_int8(tmp / ONNX_FILES[key])
-            if int8 and key == "encoder":
-                _quantize_encoder_int8(tmp / ONNX_FILES[key], calibration_images)
-            _store_fp16(tmp / ONNX_FILES[key])
+        if int8:
+            shutil.copy(tmp / ONNX_FILES["step"], tmp / INT8_FILES["step"])
+            _quantize_int8(tmp / INT8_FILES["step"])
+            shutil.copy(tmp / ONNX_FILES["encoder"], tmp / INT8_FILES["encoder"])
+            _quantize_encoder_int8(tmp / INT8_FILES["encoder"], calibration_images)
+        files = [*ONNX_FILES.values(), *(INT8_FILES.values() if int8 else [])]
+        for name in files:
+            _store_fp16(tmp / name)
         weights = model_dir / WEIGHTS
         manifest = {
             "format": 1,
@@ -196,7 +200,7 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
             "torch": torch.__version__,
             "parameters": {"encoder": int(sum(p.numel() for p in encoder.parameters())),
                            "decoder": int(sum(p.numel() for p in decoder.parameters()))},
-            "files": {name: file_sha256(tmp / name) for name in ONNX_FILES.values()},
+            "files": {name: file_sha256(tmp / name) for name in files},
             "command": command or f"aicrl export --model {model_dir}" + (f" --int8 --calibration {calibration}" if int8 else ""),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -217,8 +221,10 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (model_dir / MANIFEST).unlink(missing_ok=True)  # no valid export while files are replaced
         tags = [CLASSIFIER_FILE] if save_head(encoder, tmp) else []  # the ImageNet head, for tags
-        for name in [*ONNX_FILES.values(), *tags, MANIFEST]:  # the manifest last: it makes the export valid
+        for name in INT8_FILES.values():  # an earlier export's int8 graphs are stale now
+            (model_dir / name).unlink(missing_ok=True)
+        for name in [*files, *tags, MANIFEST]:  # the manifest last: it makes the export valid
             os.replace(tmp / name, model_dir / name)
     manifest["seconds"] = round(time.perf_counter() - started, 1)
-    manifest["bytes"] = {name: (model_dir / name).stat().st_size for name in ONNX_FILES.values()}
+    manifest["bytes"] = {name: (model_dir / name).stat().st_size for name in files}
     return manifest

@@ -6,6 +6,9 @@
                          projection, style vector, initial LSTM state (h, c)
     decoder_step.onnx    one word for N rows: words, h, c, features, projection, style
                          -> logits (N, V), h, c, attention (N, R)
+    encoder.int8.onnx, decoder_step.int8.onnx
+                         with `aicrl export --int8`: the same graphs in int8, beside the fp32 ones
+                         (`--backend onnx-int8` runs them)
     onnx.json            the export's manifest: the SHA-256 of the model.safetensors it was made from
                          (a changed model makes the export stale), file hashes, int8 or not, checks
 `OnnxSteps` is the `decoding.StepDecoder` over the two decoder graphs, so ONNX Runtime and torch
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 ONNX_FILES = {"encoder": "encoder.onnx", "start": "decoder_start.onnx", "step": "decoder_step.onnx"}
+INT8_FILES = {"encoder": "encoder.int8.onnx", "step": "decoder_step.int8.onnx"}  # the start stays fp32
 MANIFEST = "onnx.json"
 WEIGHTS = "model.safetensors"
 
@@ -47,9 +51,14 @@ def has_export(model_dir: str | Path) -> bool:
     return (model_dir / MANIFEST).exists() or any((model_dir / f).exists() for f in ONNX_FILES.values())
 
 
-def check_export(model_dir: str | Path, encoder: str | None = None) -> dict:
-    """The manifest of a complete export that matches the folder's weights; OnnxModelError naming
-    the file otherwise."""
+def onnx_files(int8: bool = False) -> dict[str, str]:
+    """The graph files a backend runs: fp32, or int8 where there is an int8 graph."""
+    return ONNX_FILES | INT8_FILES if int8 else dict(ONNX_FILES)
+
+
+def check_export(model_dir: str | Path, encoder: str | None = None, int8: bool = False) -> dict:
+    """The manifest of a complete export (with its int8 graphs if `int8`) that matches the folder's
+    weights; OnnxModelError naming the file otherwise."""
     model_dir = Path(model_dir)
     manifest_file = model_dir / MANIFEST
     try:
@@ -58,9 +67,13 @@ def check_export(model_dir: str | Path, encoder: str | None = None) -> dict:
         raise OnnxModelError(f"{manifest_file}: missing; run `aicrl export --model {model_dir}`") from None
     except (OSError, ValueError) as e:
         raise OnnxModelError(f"{manifest_file}: unreadable ({e}); run `aicrl export --model {model_dir}`") from e
-    for name in ONNX_FILES.values():
+    if int8 and not manifest.get("int8"):
+        raise OnnxModelError(f"{manifest_file}: the export has no int8 graphs; run `aicrl export --model "
+                             f"{model_dir} --int8 --calibration PHOTOS`")
+    for name in onnx_files(int8).values():
         if not (model_dir / name).is_file():
-            raise OnnxModelError(f"{model_dir / name}: missing; run `aicrl export --model {model_dir}`")
+            raise OnnxModelError(f"{model_dir / name}: missing; run `aicrl export --model {model_dir}"
+                                 + (" --int8 --calibration PHOTOS`" if int8 else "`"))
     weights = model_dir / WEIGHTS
     if weights.is_file() and manifest.get("weights_sha256") != file_sha256(weights):
         raise OnnxModelError(f"{manifest_file}: stale, exported from other weights than {weights}; "
@@ -124,20 +137,17 @@ class OnnxSteps:
 
 
 class OnnxModel:
-    """The three ONNX graphs of a model folder, loaded once. `threads`: ONNX Runtime's intra-op
-    threads (default: one per physical core)."""
+    """The three ONNX graphs of a model folder, loaded once: fp32, or the int8 encoder and decoder
+    step with `int8`. `threads`: ONNX Runtime's intra-op threads (default: one per physical core)."""
 
     backend = "onnx"
 
-    def __init__(self, model_dir: str | Path, encoder: str | None = None, threads: int | None = None):
-        self.model_dir = Path(model_dir)
-        self.manifest = check_export(self.model_dir, encoder)
-        self.sessions = {k: _session(self.model_dir / f, threads) for k, f in ONNX_FILES.items()}
+    def __init__(self, model_dir: str | Path, encoder: str | None = None, threads: int | None = None,
+                 int8: bool = False):
+        self.model_dir, self.int8 = Path(model_dir), int8
+        self.manifest = check_export(self.model_dir, encoder, int8)
+        self.sessions = {k: _session(self.model_dir / f, threads) for k, f in onnx_files(int8).items()}
         self.steps = OnnxSteps(self.sessions["start"], self.sessions["step"])
-
-    @property
-    def int8(self) -> bool:
-        return bool(self.manifest.get("int8"))
 
     def encode(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, 224, 224) normalised images -> (B, regions, dim) float32 grids."""

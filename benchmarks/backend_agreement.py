@@ -1,7 +1,7 @@
 """Do the backends write the same captions? Torch vs ONNX Runtime (fp32, and int8 if exported) on a split.
 
     python benchmarks/backend_agreement.py --data-dir ../shared/data/flickr8k [--split test] [--limit 1000]
-        [--model DIR] [--int8-model DIR] [--json]
+        [--model DIR] [--int8] [--json]
 
 Captions every image of the split end to end (image file -> encoder -> beam search) with each
 configuration, then reports the share of images whose best caption is identical to the torch
@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--model", help="model folder with an fp32 export (default: the shipped model)")
-    parser.add_argument("--int8-model", help="the same model exported with --int8 (optional)")
+    parser.add_argument("--int8", action="store_true", help="also the model's int8 graphs (`aicrl export --int8`)")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -51,8 +51,8 @@ def main() -> int:
     fp32.config.precision = "fp32"
     configs["torch fp32"] = fp32
     configs["onnx"] = Captioner.from_pretrained(args.model, backend="onnx")
-    if args.int8_model:
-        configs["onnx int8"] = Captioner.from_pretrained(args.int8_model, backend="onnx")
+    if args.int8:
+        configs["onnx int8"] = Captioner.from_pretrained(args.model, backend="onnx-int8")
     captions, speed = {}, {}
     for name, model in configs.items():
         captions[name], speed[name] = caption_all(model, images, args.beam_size)

@@ -134,7 +134,7 @@ ROWS = [("one image end to end, p50", "one_image_p50_ms", "{:.0f} ms", "lower"),
 
 
 def load(model: str | None, backend: str) -> Captioner:
-    """`backend`: torch, onnx, or torch-fp32 (torch with autocast off)."""
+    """`backend`: torch, onnx, onnx-int8, or torch-fp32 (torch with autocast off)."""
     if backend != "torch-fp32":
         return Captioner.from_pretrained(model, backend=backend)
     captioner = Captioner.from_pretrained(model, backend="torch")
@@ -150,7 +150,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="single-image latency runs")
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx, torch-fp32")
+    parser.add_argument("--backends", default="torch,onnx", help="comma-separated: torch, onnx, onnx-int8, torch-fp32")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-process measures")
     parser.add_argument("--training", action="store_true", help="also measure training steps (torch)")
     parser.add_argument("--json", action="store_true")
@@ -161,7 +161,7 @@ def main() -> int:
     paths = image_files(args.images, recursive=False)
     images = [load_image(paths[i % len(paths)]) for i in range(args.count)]
     result: dict = {"machine": machine(), "beam_size": args.beam_size, "batch_size": args.batch_size,
-                    "precision": {name: ("int8 decoder step" if m.runtime.int8 else "fp32") if m.runtime
+                    "precision": {name: ("int8" if m.runtime.int8 else "fp32") if m.runtime
                                   else f"torch autocast: {m.config.precision}" for name, m in models.items()}}
     per = {name: {} for name in backends}
     for name, values in latency(models, paths, args.runs, args.beam_size).items():

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from .decoder import AttentionLSTMDecoder
     from .encoders import ImageEncoder
 
-BACKENDS = ("auto", "onnx", "torch")
+BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
 _fallbacks_said: set[str] = set()  # model folders whose ONNX fallback was reported on stderr
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px
@@ -185,7 +185,7 @@ class Captioner:
     def save_pretrained(self, path: str | Path, metrics: dict | None = None, command: str | None = None) -> None:
         from safetensors.torch import save_file
 
-        from ..runtime import MANIFEST, ONNX_FILES
+        from ..runtime import INT8_FILES, MANIFEST, ONNX_FILES
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ class Captioner:
                         if v.is_floating_point() and self.encoder.in_last_stage(k)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
         # an export of other weights, and their stock phrases, are stale now
-        for name in [MANIFEST, *ONNX_FILES.values(), CLASSIFIER_FILE, PHRASES_FILE]:
+        for name in [MANIFEST, *ONNX_FILES.values(), *INT8_FILES.values(), CLASSIFIER_FILE, PHRASES_FILE]:
             (path / name).unlink(missing_ok=True)
         if metrics is not None:
             (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -210,7 +210,8 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None, encoder: "ImageEncoder | None" = None,
                         backend: str = "auto", threads: int | None = None, device: str = "auto") -> "Captioner":
         """Load a model folder. `backend`: "onnx" (ONNX Runtime; the folder needs `aicrl export`),
-        "torch", or "auto": ONNX when the folder has an export and onnxruntime is installed (and no
+        "onnx-int8" (its int8 graphs, `aicrl export --int8`), "torch", or "auto": ONNX (fp32) when
+        the folder has an export and onnxruntime is installed (and no
         torch `encoder` is given), else torch. In auto mode a broken or stale export falls back to
         torch, said once on stderr, when torch is installed; otherwise it is an error naming the file."""
         model = cls._load(path, encoder, backend, threads, device)
@@ -242,16 +243,14 @@ class Captioner:
                         _fallbacks_said.add(str(path))
                         print(f"aicrl: {e}; using torch instead", file=sys.stderr)
                     backend = "torch"
-        if backend == "onnx":
+        if backend in ("onnx", "onnx-int8"):
             if not onnxruntime_available():
                 raise BackendUnavailable("the ONNX backend needs onnxruntime: pip install onnxruntime")
-            return cls(config, vocab, runtime=OnnxModel(path, config.encoder, threads))
+            return cls(config, vocab, runtime=OnnxModel(path, config.encoder, threads, int8=backend == "onnx-int8"))
         if not torch_available():
             raise BackendUnavailable("the torch backend needs torch: pip install 'aicrl[train]'")
         from ..devices import resolve_device
 
-        if backend == "onnx" and device not in ("auto", "cpu"):
-            raise ValueError(f"the ONNX backend runs on the CPU; use --backend torch for --device {device}")
         return cls._from_pretrained_torch(path, config, vocab, encoder).to(resolve_device(device))
 
     @classmethod

@@ -111,7 +111,8 @@ def backend(captioner) -> str:
     if getattr(captioner, "backend", "torch") == "onnx":
         import onnxruntime
 
-        return f"ONNX Runtime {onnxruntime.__version__} on CPU"
+        int8 = getattr(captioner.runtime, "int8", False)
+        return f"ONNX Runtime {onnxruntime.__version__} on CPU" + (" (int8)" if int8 else "")
     import torch
 
     return f"PyTorch {torch.__version__.split('+')[0]} on {getattr(captioner, 'device', 'cpu')}"

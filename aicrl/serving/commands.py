@@ -19,9 +19,10 @@ MAX_FILE_BYTES = 100 * 1024 * 1024  # `aicrl index` skips bigger files instead o
 
 
 def add_backend(p, default: str = "auto") -> None:
-    p.add_argument("--backend", choices=["auto", "onnx", "torch"], default=default,
+    p.add_argument("--backend", choices=["auto", "onnx", "onnx-int8", "torch"], default=default,
                    help="run the model on ONNX Runtime (fast, no torch; needs the model's `aicrl export` "
-                        "files) or on torch; auto: ONNX when the model folder has them" + f" (default {default})")
+                        "files), on its int8 graphs (faster still, slightly different captions; `aicrl export "
+                        "--int8`) or on torch; auto: ONNX when the model folder has them" + f" (default {default})")
 
 
 def _whole_number(text: str, high: int) -> int:
