@@ -130,7 +130,8 @@ def _quantize_encoder_int8(path: Path, images: np.ndarray) -> None:
             self.batches = iter(np.array_split(images, max(1, len(images) // 16)))
 
         def get_next(self):
-            return {"images": np.ascontiguousarray(b) for b in [next(self.batches, None)] if b is not None} or None
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": np.ascontiguousarray(batch)}
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "q.onnx"
@@ -201,7 +202,8 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
             "parameters": {"encoder": int(sum(p.numel() for p in encoder.parameters())),
                            "decoder": int(sum(p.numel() for p in decoder.parameters()))},
             "files": {name: file_sha256(tmp / name) for name in files},
-            "command": command or f"aicrl export --model {model_dir}" + (f" --int8 --calibration {calibration}" if int8 else ""),
+            "command": command or f"aicrl export --model {model_dir}"
+                       + (f" --int8 --calibration {calibration}" if int8 else ""),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         # Check the ONNX graphs against torch on the same inputs before they replace anything.

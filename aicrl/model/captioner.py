@@ -210,10 +210,10 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None, encoder: "ImageEncoder | None" = None,
                         backend: str = "auto", threads: int | None = None, device: str = "auto") -> "Captioner":
         """Load a model folder. `backend`: "onnx" (ONNX Runtime; the folder needs `aicrl export`),
-        "onnx-int8" (its int8 graphs, `aicrl export --int8`), "torch", or "auto": ONNX (fp32) when
-        the folder has an export and onnxruntime is installed (and no
-        torch `encoder` is given), else torch. In auto mode a broken or stale export falls back to
-        torch, said once on stderr, when torch is installed; otherwise it is an error naming the file."""
+        "onnx-int8" (its int8 graphs, `aicrl export --int8`), "torch", or "auto": ONNX (fp32) when the
+        folder has an export and onnxruntime is installed (and no torch `encoder` is given), else
+        torch. In auto mode a broken or stale export falls back to torch, said once on stderr, when
+        torch is installed; otherwise it is an error naming the file."""
         model = cls._load(path, encoder, backend, threads, device)
         model.phrases = OverusedPhrases.load(path or default_model_dir())
         return model
