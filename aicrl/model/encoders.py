@@ -93,9 +93,7 @@ class _ResNetTrunk(nn.Sequential):
     """torchvision's ResNet without pooling and classifier; the last stage is layer4 (index 7)."""
 
     def front(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in list(self)[:7]:
-            x = layer(x)
-        return x
+        return self[:7](x)
 
     def back(self, x: torch.Tensor) -> torch.Tensor:
         return self[7](x)
