@@ -34,6 +34,10 @@ def _add_extract(sub) -> None:
     p.add_argument("--last-stage-input", action="store_true",
                    help="cache what enters the encoder's last stage instead of its grid (Lite2: 7x7x208, a "
                         "sixth of the size): `aicrl train --finetune-encoder` trains that stage on it")
+    p.add_argument("--mirror", action="store_true",
+                   help="cache the images flipped left to right: `aicrl train --mirrored-features` shows a "
+                        "random half of the training images mirrored each epoch (left and right swapped in "
+                        "their captions)")
     add_device_option(p)
     p.set_defaults(func=cmd_extract)
 
@@ -47,7 +51,7 @@ def cmd_extract(args) -> int:
     encoder = build_encoder(args.encoder, weights=args.encoder_weights)
     summary = extract_features(encoder, data.image_dir, data.images(), args.out, args.batch_size,
                                args.precision, args.workers, args.device,
-                               LAST_STAGE_INPUT if args.last_stage_input else GRID)
+                               LAST_STAGE_INPUT if args.last_stage_input else GRID, args.mirror)
     print(json.dumps(summary))
     return 0
 
@@ -57,6 +61,9 @@ TRAIN_HELP = {
     "dataset": "dataset layout of --data-dir: flickr8k or coco",
     "data_dir": "dataset folder (e.g. ../shared/data/flickr8k)",
     "features": "feature cache folder written by `aicrl extract-features` with the same encoder",
+    "mirrored_features": "a cache of the same images flipped left to right (`extract-features --mirror`, same "
+                         "encoder and stage): each epoch a random half of the training images is seen mirrored, "
+                         "with left and right swapped in its captions (empty: no mirroring)",
     "style_file": "jsonl of styled captions (FlickrStyle7k format) to train a style-conditioned model; "
                   "empty: factual captions only",
     "style_repeat": "how many times each styled caption is seen per epoch (styled captions are fewer)",

@@ -240,6 +240,9 @@ def features_source(captioner, image_dir: str | Path,
         if cache.encoder != captioner.config.encoder:
             raise ValueError(f"cache {cache_dir} holds {cache.encoder} features, the model uses "
                              f"{captioner.config.encoder}")
+        if cache.mirrored:  # its photos are flipped: their references' left and right are wrong
+            raise ValueError(f"cache {cache_dir} holds mirrored photos, made for training: evaluate on the "
+                             "cache made without --mirror")
         if cache.stage == LAST_STAGE_INPUT and captioner.backend == "torch":
             import torch
 

@@ -32,6 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from tqdm import tqdm
 from .config import CaptionerConfig
 from .data.datasets import FACTUAL, CaptionData, load_dataset, read_style_jsonl
 from .data.features import LAST_STAGE_INPUT, FeatureCache, FeatureRows
-from .data.vocab import Vocabulary, tokenize
+from .data.vocab import MIRROR_SWAPS, Vocabulary, tokenize
 from .devices import autocast, autocast_dtype, data_parallel, distributed_backend, grad_scaler, resolve_device
 from .evaluation import caption_images, diversity, quick_scores
 from .model.captioner import Captioner
@@ -51,6 +52,7 @@ from .rewards import CiderD
 from .self_critical import sample, self_critical_loss
 
 log = logging.getLogger(__name__)
+MIRRORED = "|mirrored"  # the reward's key for a training image seen mirrored
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainConfig:
     dataset: str = "flickr8k"
     data_dir: str = ""
     features: str = ""  # feature cache folder (aicrl extract-features)
+    mirrored_features: str = ""  # the same images flipped left to right (extract-features --mirror)
     style_file: str = ""  # optional jsonl of styled captions (image, split, style, caption)
     style_repeat: int = 1  # how many times each styled caption is seen per epoch
     train_images: int = 0  # use only the first N training images (0 = all): for quick searches
@@ -196,6 +199,23 @@ class Prepared:
     captioner: Captioner
     device: torch.device
     last_stage_input: bool  # the cache holds what enters the encoder's last stage, not grids
+    mirror_feats: FeatureRows | None = None  # the training images flipped left to right
+    mirror_ids: torch.Tensor | None = None  # word id -> its mirror image's word (left <-> right)
+
+    def mirrored(self, seed: int, epoch: int) -> np.ndarray | None:
+        """Which training images are seen mirrored this epoch (a random half), None without a mirror cache.
+        Its own random stream, so the batches are the same as without mirroring."""
+        if self.mirror_feats is None:
+            return None
+        return np.random.default_rng([seed, epoch, 1]).random(len(self.train_images)) < 0.5
+
+    def train_batch(self, rows: Sequence[int], mirrored: np.ndarray | None = None) -> torch.Tensor:
+        """Cached rows of training images, the mirrored view where `mirrored[row]`: (B, R, D) fp16."""
+        feats = self.train_feats.batch(rows)
+        flip = None if mirrored is None else mirrored[np.asarray(rows)]
+        if flip is not None and flip.any():
+            feats[torch.from_numpy(flip)] = self.mirror_feats.batch(np.asarray(rows)[flip])
+        return feats
 
     def grids(self, cached: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
         """Cached rows -> (B, regions, dim) fp32 grids on the device: through the encoder's last
@@ -244,6 +264,16 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
                                     dropout=cfg.dropout)
         captioner = Captioner(model_cfg, vocab, AttentionLSTMDecoder(model_cfg))
 
+    mirror_feats = mirror_ids = None
+    if cfg.mirrored_features:
+        mirror = FeatureCache(cfg.mirrored_features)
+        if not mirror.mirrored or (mirror.encoder, mirror.stage) != (cache.encoder, cache.stage):
+            raise ValueError(f"{cfg.mirrored_features} is not a mirrored cache of {cfg.features}: make it with "
+                             f"`aicrl extract-features --mirror` and the same encoder and stage")
+        train_images = [n for n in train_images if n in mirror.available]
+        mirror_feats = FeatureRows(mirror, train_images, in_memory=cfg.features_in_memory)
+        mirror_ids = torch.tensor(vocab.mirror_ids(), device=device)
+
     row = {n: i for i, n in enumerate(train_images)}
     items = [(row[r.image], vocab.encode(r.caption, cfg.max_words), styles.index(r.style))
              for r in train_records if r.image in row]
@@ -252,7 +282,7 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
                  len(items), len(train_images), len(dev_images), len(vocab), styles)
     return Prepared(data, vocab, styles, train_images, dev_images,
                     FeatureRows(cache, train_images, in_memory=cfg.features_in_memory), cache.get(dev_images),
-                    items, captioner.to(device), device, last_stage_input)
+                    items, captioner.to(device), device, last_stage_input, mirror_feats, mirror_ids)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -262,16 +292,22 @@ class CrossEntropy:
 
     def __init__(self, cfg: TrainConfig, run: Prepared, amp: torch.dtype | None):
         self.cfg, self.run, self.amp = cfg, run, amp
+        self.mirrored: np.ndarray | None = None  # this epoch's mirrored training images
 
     def batches(self, epoch: int) -> list[np.ndarray]:
+        self.mirrored = self.run.mirrored(self.cfg.seed, epoch)
         return make_batches([len(it[1]) for it in self.run.items], self.cfg.batch_size,
                             np.random.default_rng([self.cfg.seed, epoch]))
 
     def loss(self, net: torch.nn.Module, batch: np.ndarray, items=None) -> torch.Tensor:
         chosen = [(items or self.run.items)[j] for j in batch]
-        feats = self.run.grids(self.run.train_feats.batch([c[0] for c in chosen]), self.amp)
+        rows = [c[0] for c in chosen]
+        feats = self.run.grids(self.run.train_batch(rows, self.mirrored), self.amp)
         device = self.run.device
         captions = pad([c[1] for c in chosen], self.run.vocab.pad).to(device, non_blocking=True)
+        if self.mirrored is not None:
+            flip = torch.from_numpy(self.mirrored[rows]).to(device)
+            captions = torch.where(flip.unsqueeze(1), self.run.mirror_ids[captions], captions)
         style_ids = torch.tensor([c[2] for c in chosen], device=device) if len(self.run.styles) > 1 else None
         with autocast(device, self.amp):
             logits, alphas = net(feats, captions, style_ids)
@@ -294,12 +330,16 @@ class SelfCritical:
         self.refs = {n: [tokenize(r) for r in refs[n]] for n in run.train_images if n in refs}
         self.images = [i for i, n in enumerate(run.train_images) if n in self.refs]
         self.cider = CiderD(self.refs)
+        if run.mirror_feats is not None:  # a mirrored photo's references say right for left
+            swap = lambda words: [MIRROR_SWAPS.get(w, w) for w in words]  # noqa: E731
+            self.refs |= {n + MIRRORED: [swap(r) for r in rs] for n, rs in list(self.refs.items())}
         self.factual = run.styles.index(FACTUAL) if FACTUAL in run.styles else 0  # the style rewarded
         self.ce_items = [it for it in run.items if it[2] != self.factual or cfg.scst_ce_all]
         self.ce = CrossEntropy(cfg, run, amp)
         self.last_reward = 0.0
 
     def batches(self, epoch: int) -> list[np.ndarray]:
+        self.ce.mirrored = self.run.mirrored(self.cfg.seed, epoch)  # shared with the cross-entropy batches
         rng = np.random.default_rng([self.cfg.seed, epoch])
         order = rng.permutation(self.images)
         batches = [order[i:i + self.cfg.batch_size] for i in range(0, len(order), self.cfg.batch_size)]
@@ -317,7 +357,10 @@ class SelfCritical:
         device = self.run.device
         style_ids = torch.full((len(rows),), self.factual, dtype=torch.long, device=device) \
             if len(self.run.styles) > 1 else None
-        feats = self.run.grids(self.run.train_feats.batch(rows), self.amp)
+        mirrored = self.ce.mirrored
+        feats = self.run.grids(self.run.train_batch(rows, mirrored), self.amp)
+        if mirrored is not None:
+            names = [name + MIRRORED if mirrored[r] else name for name, r in zip(names, rows)]
         with autocast(device, self.amp):
             samples = sample(decoder, feats, v.start, v.end, n, self.cfg.scst_max_words, style_ids)
         rewards = torch.tensor(self.cider.scores(samples.word_lists(v.itos, v.end),

@@ -112,6 +112,18 @@ def tiny_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mirrored_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
+    """The tiny photos flipped left to right (training augmentation)."""
+    from aicrl.data.datasets import read_flickr8k
+    from aicrl.data.features import extract_features
+
+    data = read_flickr8k(tiny_flickr)
+    out = tmp_path_factory.mktemp("mirrored_cache")
+    extract_features(lite2, data.image_dir, data.images(), out, batch_size=8, num_workers=0, mirror=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_last_stage_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
     """What enters Lite2's last stage, for fine-tuning it."""
     from aicrl.data.datasets import read_flickr8k

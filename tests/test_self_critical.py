@@ -62,8 +62,10 @@ def test_self_critical_training_raises_the_reward(tiny_flickr, tiny_cache, warm_
     assert sum(rewards[-3:]) / 3 > rewards[0] + 0.2, rewards
 
 
-def test_resume_in_the_middle_of_self_critical_training_is_exact(tiny_flickr, tiny_cache, warm_start, tmp_path):
+def test_resume_in_the_middle_of_self_critical_training_is_exact(tiny_flickr, tiny_cache, tiny_mirrored_cache,
+                                                                warm_start, tmp_path):
     base = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), init_from=str(warm_start),
+                       mirrored_features=str(tiny_mirrored_cache),  # which images are mirrored is resumed too
                        objective="self-critical", scst_samples=3, scst_max_words=6, **SMALL)
     train(replace(base, epochs=3, out=str(tmp_path / "straight")))
     train(replace(base, epochs=1, out=str(tmp_path / "killed")))  # "killed" after epoch 1

@@ -303,10 +303,11 @@ def test_finetuning_the_encoder_last_stage(objective, tiny_flickr, tiny_last_sta
         onnx = Captioner.from_pretrained(tmp_path / "ft" / "best", backend="onnx")
         images = [tiny_flickr / "images" / n for n in names]
         exported = torch.as_tensor(onnx.encode(images)).float()
-        assert torch.allclose(exported, torch.as_tensor(direct).float(), atol=1e-2)
         with torch.inference_mode():
             untuned = lite2(torch.stack([preprocess(i) for i in images]))
-        assert not torch.allclose(exported, untuned, atol=1e-2)
+        to_tuned = (exported - torch.as_tensor(direct).float()).abs().mean()  # direct: bf16 where native
+        to_untuned = (exported - untuned).abs().mean()
+        assert to_tuned < 0.01 and to_untuned > 10 * to_tuned, (to_tuned, to_untuned)
 
 
 def test_finetuning_needs_a_last_stage_cache(tiny_flickr, tiny_cache, tmp_path):
@@ -314,3 +315,54 @@ def test_finetuning_needs_a_last_stage_cache(tiny_flickr, tiny_cache, tmp_path):
                       out=str(tmp_path / "ft"), **SMALL)
     with pytest.raises(ValueError, match="--last-stage-input"):
         train(cfg)
+
+
+def test_mirrored_cache_holds_the_flipped_photos(tiny_flickr, tiny_cache, tiny_mirrored_cache, lite2):
+    mirror, plain = FeatureCache(tiny_mirrored_cache), FeatureCache(tiny_cache)
+    assert mirror.mirrored and not plain.mirrored and mirror.names == plain.names
+    images = torch.stack([preprocess(tiny_flickr / "images" / n) for n in mirror.names[:3]])
+    with torch.inference_mode():
+        flipped = lite2(images.flip(-1))
+    gap = lambda cache: (cache.get(cache.names[:3]).float() - flipped).abs().mean()  # noqa: E731
+    assert gap(mirror) < 0.02 < gap(plain), (gap(mirror), gap(plain))  # (the caches are bf16 here)
+
+
+def test_training_sees_half_the_images_mirrored_with_left_and_right_swapped(tiny_flickr, tiny_cache,
+                                                                             tiny_mirrored_cache, tmp_path):
+    from aicrl.training import MIRRORED, CrossEntropy, SelfCritical, prepare
+
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache),
+                      mirrored_features=str(tiny_mirrored_cache), out=str(tmp_path / "m"), **SMALL)
+    run = prepare(cfg, torch.device("cpu"))
+    mirrored = run.mirrored(cfg.seed, 1)
+    assert 0 < mirrored.sum() < len(mirrored)
+    assert not np.array_equal(mirrored, run.mirrored(cfg.seed, 2))  # a new half each epoch
+    rows = list(range(len(run.train_images)))
+    feats = run.train_batch(rows, mirrored)
+    names = np.array(run.train_images)
+    assert torch.equal(feats[torch.from_numpy(mirrored)], FeatureCache(tiny_mirrored_cache).get(names[mirrored]))
+    assert torch.equal(feats[torch.from_numpy(~mirrored)], FeatureCache(tiny_cache).get(names[~mirrored]))
+    # the captions of a mirrored photo say right for left, in training targets and in rewards
+    v = run.vocab
+    swapped = v.mirror_ids()
+    for a, b in (("left", "right"), ("right", "left")):
+        assert swapped[v.stoi[a]] == v.stoi[b]
+    assert swapped[v.stoi["red"]] == v.stoi["red"]
+    objective = CrossEntropy(cfg, run, None)
+    objective.batches(1)
+    assert np.array_equal(objective.mirrored, mirrored)
+    scst = SelfCritical(cfg, run, None)
+    name = run.train_images[0]
+    assert [["right" if w == "left" else w for w in r] for r in scst.refs[name]] == scst.refs[name + MIRRORED]
+
+
+def test_mirrored_caches_are_for_training_only(tiny_flickr, tiny_cache, tiny_mirrored_cache, tmp_path):
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), mirrored_features=str(tiny_cache),
+                      epochs=1, out=str(tmp_path / "x"), **SMALL)
+    with pytest.raises(ValueError, match="--mirror"):
+        train(cfg)
+    from aicrl.evaluation import features_source
+
+    model = Captioner.from_pretrained(train(replace(cfg, mirrored_features=""))["out"] + "/best", backend="torch")
+    with pytest.raises(ValueError, match="mirrored"):
+        features_source(model, tiny_flickr / "images", tiny_mirrored_cache)

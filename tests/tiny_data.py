@@ -11,14 +11,25 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
 SHAPES = ("square", "circle")
 
 
-def shape_image(colour: str, shape: str, seed: int) -> Image.Image:
+def _layout(seed: int) -> tuple[np.ndarray, int, int]:
+    """A noisy light background and the top-left corner of a 120-pixel shape on it."""
     rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(200, 255, (224, 224, 3), dtype=np.uint8))
-    draw = ImageDraw.Draw(image)
+    background = rng.integers(200, 255, (224, 224, 3), dtype=np.uint8)
     x, y = rng.integers(20, 80, 2)
-    box = (int(x), int(y), int(x) + 120, int(y) + 120)
-    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
+    return background, int(x), int(y)
+
+
+def shape_image(colour: str, shape: str, seed: int) -> Image.Image:
+    background, x, y = _layout(seed)
+    image = Image.fromarray(background)
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)((x, y, x + 120, y + 120), fill=COLOURS[colour])
     return image
+
+
+def shape_side(seed: int) -> str:
+    """The half of `shape_image(..., seed)` that holds the shape's centre."""
+    return "left" if _layout(seed)[1] + 60 < 112 else "right"
 
 
 def write_flickr8k(root: Path, images_per_kind: int = 2, styles: bool = False) -> Path:
@@ -33,7 +44,7 @@ def write_flickr8k(root: Path, images_per_kind: int = 2, styles: bool = False) -
                 shape_image(colour, shape, n).save(root / "images" / name, quality=92)
                 names.append(name)
                 captions = [f"a {colour} {shape} on a white background", f"a {colour} {shape}",
-                            f"the {shape} is {colour}", f"one {colour} {shape} in the picture",
+                            f"the {shape} is {colour}", f"one {colour} {shape} on the {shape_side(n)}",
                             f"a picture of a {colour} {shape}"]
                 tokens += [f"{name}#{i}\t{c} ." for i, c in enumerate(captions)]
                 style_lines += [{"image": name, "style": "humorous", "caption": f"a {colour} {shape} telling jokes"},

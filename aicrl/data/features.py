@@ -5,7 +5,8 @@ Layout of a cache folder:
     done.npy       (N,) uint8, 1 once an image's row is written (makes extraction resumable)
     index.json     encoder, shape and the image names, row i <-> images[i]; "stage":
                    "last-stage-input" when the rows hold what enters the encoder's last stage
-                   (for fine-tuning it) instead of the finished grid
+                   (for fine-tuning it) instead of the finished grid; "mirrored": true when the
+                   rows are of the images flipped left to right (augmentation for training)
     failed.json    images that could not be read, with the reason
 """
 from __future__ import annotations
@@ -32,8 +33,8 @@ STAGES = (GRID, LAST_STAGE_INPUT)
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, image_dir: Path, names: Sequence[str], rows: Sequence[int]):
-        self.image_dir, self.names, self.rows = image_dir, names, rows
+    def __init__(self, image_dir: Path, names: Sequence[str], rows: Sequence[int], mirror: bool = False):
+        self.image_dir, self.names, self.rows, self.mirror = image_dir, names, rows, mirror
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -41,7 +42,8 @@ class _ImageFiles(Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         try:
-            return row, preprocess(self.image_dir / self.names[row]), ""
+            image = preprocess(self.image_dir / self.names[row])
+            return row, image.flip(-1) if self.mirror else image, ""
         except ImageLoadError as e:
             return row, torch.zeros(3, 224, 224), str(e)
 
@@ -49,9 +51,10 @@ class _ImageFiles(Dataset):
 def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Sequence[str],
                      out_dir: str | Path, batch_size: int = 32, precision: str = "auto",
                      num_workers: int | None = None, device: str | torch.device = "cpu",
-                     stage: str = GRID) -> dict:
+                     stage: str = GRID, mirror: bool = False) -> dict:
     """Write the grid features of `names` (files in `image_dir`) to the cache `out_dir`; with
-    `stage="last-stage-input"`, what enters the encoder's last stage (its fine-tuning trains on that).
+    `stage="last-stage-input"`, what enters the encoder's last stage (its fine-tuning trains on that);
+    with `mirror`, of the images flipped left to right (training sees them as more photos).
 
     Resumable: rows already marked done are skipped, so rerunning after an interruption continues.
     `num_workers` image-decoding processes (None: 1 on CPU, where the encoder needs the cores, up to
@@ -74,7 +77,8 @@ def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Seq
     with torch.inference_mode():
         regions, dim = encode(torch.zeros(1, 3, 224, 224, device=device)).shape[1:]
     index = {"encoder": getattr(encoder, "name", "custom"), "regions": int(regions), "dim": int(dim),
-             "dtype": "float16", "images": names} | ({"stage": stage} if stage != GRID else {})
+             "dtype": "float16", "images": names} | ({"stage": stage} if stage != GRID else {}) \
+        | ({"mirrored": True} if mirror else {})
     index_file = out / "index.json"
     if index_file.exists():
         old = json.loads(index_file.read_text())
@@ -91,7 +95,7 @@ def extract_features(encoder: torch.nn.Module, image_dir: str | Path, names: Seq
     failed = json.loads(failed_file.read_text()) if failed_file.exists() else {}
     todo = [i for i in range(len(names)) if not done[i] and names[i] not in failed]
     dtype = autocast_dtype(precision, device)
-    loader = DataLoader(_ImageFiles(image_dir, names, todo), batch_size=batch_size,
+    loader = DataLoader(_ImageFiles(image_dir, names, todo, mirror), batch_size=batch_size,
                         num_workers=num_workers, persistent_workers=False, pin_memory=device.type == "cuda")
     start, count = time.perf_counter(), 0
     bar = tqdm(total=len(todo), desc=f"features ({index['encoder']})", unit="img")
@@ -133,6 +137,7 @@ class FeatureCache:
         index = json.loads((self.dir / "index.json").read_text())
         self.encoder, self.regions, self.dim = index["encoder"], index["regions"], index["dim"]
         self.stage = index.get("stage", GRID)
+        self.mirrored: bool = index.get("mirrored", False)
         self.names: list[str] = index["images"]
         self.row = {n: i for i, n in enumerate(self.names)}
         self.features = np.load(self.dir / "features.npy", mmap_mode="r")

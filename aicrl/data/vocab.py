@@ -16,6 +16,8 @@ FUNCTION_WORDS = frozenset(
     "a an the and or but of in on at to into onto over under through from with without by for as "
     "near next while is are was were be being his her their its he she they it this that there "
     "up down out off one two some".split())
+# A photo flipped left to right shows the same scene with these words swapped in its captions.
+MIRROR_SWAPS = {"left": "right", "right": "left"}
 
 
 def tokenize(text: str) -> list[str]:
@@ -41,6 +43,14 @@ class Vocabulary:
         self.itos = list(words)
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.pad, self.start, self.end, self.unk = (self.stoi[s] for s in SPECIALS)
+
+    def mirror_ids(self) -> list[int]:
+        """A permutation of the word ids that swaps left and right (captions of a mirrored photo)."""
+        ids = list(range(len(self.itos)))
+        for word, other in MIRROR_SWAPS.items():
+            if word in self.stoi and other in self.stoi:
+                ids[self.stoi[word]] = self.stoi[other]
+        return ids
 
     @classmethod
     def build(cls, captions: Iterable[str], min_freq: int = 5) -> "Vocabulary":
