@@ -3,7 +3,8 @@
     export_onnx(model_dir, int8=False, calibration=None) -> manifest dict
 
 The three graphs come from the torch modules as they are: the encoder with its fine-tuned layers
-(if any), `AttentionLSTMDecoder.start()` and `AttentionLSTMDecoder.step()`. Weights are stored
+(if any), the decoder's `start()` and `step()`, its recurrent state as inputs and outputs named
+after `decoder.state_names`. Weights are stored
 as fp16 (the decoder's are fp16 in model.safetensors already, so that is lossless) and cast to fp32
 once when ONNX Runtime loads them. With `int8`, int8 copies of the encoder and the decoder step are
 written beside them (`runtime.INT8_FILES`): the step's matrix products quantized dynamically (int8
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .model.tags import CLASSIFIER_FILE, save_head
-from .runtime import INT8_FILES, MANIFEST, ONNX_FILES, WEIGHTS, OnnxModel, file_sha256
+from .runtime import INT8_FILES, MANIFEST, ONNX_FILES, STATE_OUT, WEIGHTS, OnnxModel, file_sha256
 
 
 OPSET = 17
@@ -49,18 +50,21 @@ class _Start(nn.Module):
         self.decoder, self.styled = decoder, styled
 
     def forward(self, features: torch.Tensor, styles: torch.Tensor | None = None):
-        feats, projected, style, (h, c) = self.decoder.start(features, styles if self.styled else None)
-        return (feats, projected, h, c) + ((style,) if self.styled else ())
+        feats, projected, style, state = self.decoder.start(features, styles if self.styled else None)
+        return (feats, projected, *state) + ((style,) if self.styled else ())
 
 
 class _Step(nn.Module):
+    """`step()` with the recurrent state as loose tensors: (words, *state, features, projected[, style])."""
+
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.decoder = decoder
 
-    def forward(self, words, h, c, features, projected, style=None):
-        logits, (h, c), alpha = self.decoder.step(words, (h, c), features, projected, style)
-        return logits, h, c, alpha
+    def forward(self, words, *tensors):
+        n = len(self.decoder.state_names)
+        logits, state, alpha = self.decoder.step(words, tuple(tensors[:n]), *tensors[n:])
+        return (logits, *state, alpha)
 
 
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
@@ -165,8 +169,10 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
     features = encoder(images).detach()
     styles = torch.tensor([0, len(cfg.styles) - 1])
     start_inputs = ["features"] + (["styles"] if styled else [])
-    start_outputs = ["features_norm", "projected", "h", "c"] + (["style"] if styled else [])
-    step_inputs = ["words", "h", "c", "features", "projected"] + (["style"] if styled else [])
+    state_names = list(decoder.state_names)
+    start_outputs = ["features_norm", "projected", *state_names] + (["style"] if styled else [])
+    step_inputs = ["words", *state_names, "features", "projected"] + (["style"] if styled else [])
+    step_outputs = ["logits", *(n + STATE_OUT for n in state_names), "alpha"]
 
     with tempfile.TemporaryDirectory(dir=model_dir) as tmp:
         tmp = Path(tmp)
@@ -176,11 +182,10 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         _export(start, start_args, tmp / ONNX_FILES["start"], start_inputs, start_outputs)
         with torch.no_grad():
             start_out = start(*start_args)
-        feats, projected, h, c = start_out[:4]
-        style = start_out[4] if styled else None
+        feats, projected, *rest = start_out
         words = torch.tensor([model.vocab.start, 4])
-        step_args = (words, h, c, feats, projected) + ((style,) if styled else ())
-        _export(_Step(decoder), step_args, tmp / ONNX_FILES["step"], step_inputs, ["logits", "h_out", "c_out", "alpha"])
+        step_args = (words, *rest[:len(state_names)], feats, projected, *rest[len(state_names):])
+        _export(_Step(decoder), step_args, tmp / ONNX_FILES["step"], step_inputs, step_outputs)
         if int8:
             shutil.copy(tmp / ONNX_FILES["step"], tmp / INT8_FILES["step"])
             _quantize_int8(tmp / INT8_FILES["step"])

@@ -3,9 +3,10 @@
 `aicrl export` (aicrl/export.py) writes these files into a model folder:
     encoder.onnx         images (B, 3, 224, 224) -> grid features (B, 49, F)
     decoder_start.onnx   features (B, R, F), styles (B,) -> normalised features, their attention
-                         projection, style vector, initial LSTM state (h, c)
-    decoder_step.onnx    one word for N rows: words, h, c, features, projection, style
-                         -> logits (N, V), h, c, attention (N, R)
+                         projection, the decoder's initial recurrent state (the attention LSTM's
+                         h, c), style vector
+    decoder_step.onnx    one word for N rows: words, recurrent state, features, projection, style
+                         -> logits (N, V), the new state (h_out, c_out), attention (N, R)
     encoder.int8.onnx, decoder_step.int8.onnx
                          with `aicrl export --int8`: the same graphs in int8, beside the fp32 ones
                          (`--backend onnx-int8` runs them)
@@ -27,6 +28,7 @@ ONNX_FILES = {"encoder": "encoder.onnx", "start": "decoder_start.onnx", "step": 
 INT8_FILES = {"encoder": "encoder.int8.onnx", "step": "decoder_step.int8.onnx"}  # the start stays fp32
 MANIFEST = "onnx.json"
 WEIGHTS = "model.safetensors"
+STATE_OUT = "_out"  # the step graph's output "h_out" is its input "h" at the next step
 
 
 class OnnxModelError(RuntimeError):
@@ -104,13 +106,15 @@ def _session(path: Path, threads: int | None):
 
 class OnnxSteps:
     """`decoding.StepDecoder` over decoder_start.onnx and decoder_step.onnx. State: a dict of arrays
-    (features, projected, style: the image context, one row per beam; h, c: the LSTM state)."""
+    (features, projected, style: the image context, one row per beam; the decoder's recurrent state,
+    e.g. h and c, which the step graph returns as h_out and c_out between its logits and attention)."""
 
     def __init__(self, start_session, step_session):
         self.start_session, self.step_session = start_session, step_session
         self._start_inputs = {i.name for i in start_session.get_inputs()}
         self._start_outputs = [o.name for o in start_session.get_outputs()]
         self._step_inputs = [i.name for i in step_session.get_inputs()]
+        self._recurrent = [o.name.removesuffix(STATE_OUT) for o in step_session.get_outputs()[1:-1]]
 
     def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1) -> dict:
         feed = {"features": np.ascontiguousarray(features, dtype=np.float32)}
@@ -125,12 +129,12 @@ class OnnxSteps:
 
     def step(self, words: np.ndarray, state: dict) -> tuple[np.ndarray, dict, np.ndarray]:
         feed = {"words": np.asarray(words, dtype=np.int64)} | {k: state[k] for k in self._step_inputs if k != "words"}
-        logits, h, c, alpha = self.step_session.run(None, feed)
-        return logits, state | {"h": h, "c": c}, alpha
+        logits, *recurrent, alpha = self.step_session.run(None, feed)
+        return logits, state | dict(zip(self._recurrent, recurrent)), alpha
 
     def reorder(self, state: dict, rows: np.ndarray) -> dict:
-        # Beams move only within their image: its context rows are all the same, only h and c move.
-        return state | {"h": state["h"][rows], "c": state["c"][rows]}
+        # Beams move only within their image: its context rows are all the same, only the recurrent state moves.
+        return state | {k: state[k][rows] for k in self._recurrent}
 
     def select(self, state: dict, rows: np.ndarray) -> dict:
         return {k: v[rows] for k, v in state.items()}

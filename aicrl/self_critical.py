@@ -39,15 +39,16 @@ def sample(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, en
            max_length: int = 20, styles: torch.Tensor | None = None, temperature: float = 1.0) -> Samples:
     """`n` captions per image, drawn word by word from the decoder's distribution, with gradients.
     Rows come image by image: image 0's n samples, then image 1's, ..."""
-    feats, projected, style, (h, c) = decoder.start(features, styles)
-    feats, projected, h, c = (x.repeat_interleave(n, 0) for x in (feats, projected, h, c))
+    feats, projected, style, state = decoder.start(features, styles)
+    feats, projected = feats.repeat_interleave(n, 0), projected.repeat_interleave(n, 0)
+    state = tuple(x.repeat_interleave(n, 0) for x in state)
     style = None if style is None else style.repeat_interleave(n, 0)
     rows = feats.size(0)
     words = torch.full((rows,), start, dtype=torch.long, device=features.device)
     alive = torch.ones(rows, dtype=torch.bool, device=features.device)
     tokens, logprobs, masks = [], [], []
     for t in range(max_length):
-        logits, (h, c), _ = decoder.step(words, (h, c), feats, projected, style)
+        logits, state, _ = decoder.step(words, state, feats, projected, style)
         logits = logits.float() / temperature
         never = [0, start, UNK_ID] if t > 0 else [0, start, UNK_ID, end]  # no empty caption
         logits[:, never] = float("-inf")

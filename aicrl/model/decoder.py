@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import CaptionerConfig
 
-State = tuple[torch.Tensor, torch.Tensor]
+State = tuple[torch.Tensor, ...]  # a decoder's recurrent state; only the decoder looks inside
 
 
 class AdditiveAttention(nn.Module):
@@ -36,6 +36,8 @@ class AdditiveAttention(nn.Module):
 
 
 class AttentionLSTMDecoder(nn.Module):
+    state_names = ("h", "c")  # the recurrent state's tensors, in order (ONNX graphs name them so)
+
     def __init__(self, config: CaptionerConfig):
         super().__init__()
         c = self.config = config

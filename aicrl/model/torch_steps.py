@@ -11,8 +11,9 @@ from .decoder import AttentionLSTMDecoder
 
 
 class TorchSteps:
-    """State: (features, projected, style, h, c) torch tensors, one row per beam. `dtype` is the
-    autocast type of the steps (bf16 halves the weight traffic of a few beams; scores stay fp32)."""
+    """State: (features, projected, style, recurrent state tuple) torch tensors, one row per beam.
+    `dtype` is the autocast type of the steps (bf16 halves the weight traffic of a few beams; scores
+    stay fp32)."""
 
     def __init__(self, decoder: AttentionLSTMDecoder, dtype: torch.dtype | None = None):
         self.decoder, self.dtype = decoder.eval(), dtype
@@ -27,25 +28,34 @@ class TorchSteps:
         feats = torch.as_tensor(features, device=device)
         ids = None if styles is None else torch.as_tensor(styles, dtype=torch.long, device=device)
         with self._autocast():
-            feats, projected, style, (h, c) = self.decoder.start(feats, ids)
-        return tuple(x if x is None or repeat == 1 else x.repeat_interleave(repeat, 0)
-                     for x in (feats, projected, style, h, c))
+            feats, projected, style, recurrent = self.decoder.start(feats, ids)
+        if repeat > 1:
+            feats, projected, style, recurrent = _rows(
+                (feats, projected, style, recurrent), lambda x: x.repeat_interleave(repeat, 0))
+        return feats, projected, style, recurrent
 
     @torch.inference_mode()
     def step(self, words: np.ndarray, state):
-        feats, projected, style, h, c = state
+        feats, projected, style, recurrent = state
         words = torch.as_tensor(words, dtype=torch.long, device=feats.device)
         with self._autocast():
-            logits, (h, c), alpha = self.decoder.step(words, (h, c), feats, projected, style)
-        return (logits.float().cpu().numpy(), (feats, projected, style, h, c), alpha.float().cpu().numpy())
+            logits, recurrent, alpha = self.decoder.step(words, recurrent, feats, projected, style)
+        return (logits.float().cpu().numpy(), (feats, projected, style, recurrent), alpha.float().cpu().numpy())
 
     def reorder(self, state, rows: np.ndarray):
         # Beams move only within their image, so the image context (features, projection, style)
         # is the same for every row of an image: only the recurrent state is gathered.
-        feats, projected, style, h, c = state
-        index = torch.as_tensor(rows, device=h.device)
-        return feats, projected, style, h[index], c[index]
+        feats, projected, style, recurrent = state
+        index = torch.as_tensor(rows, device=feats.device)
+        return feats, projected, style, tuple(x[index] for x in recurrent)
 
     def select(self, state, rows: np.ndarray):
-        index = torch.as_tensor(rows, device=state[3].device)
-        return tuple(None if x is None else x[index] for x in state)
+        index = torch.as_tensor(rows, device=state[0].device)
+        return _rows(state, lambda x: x[index])
+
+
+def _rows(state, take):
+    """Apply `take` to every tensor of a (features, projected, style, recurrent) state."""
+    feats, projected, style, recurrent = state
+    return (take(feats), take(projected), None if style is None else take(style),
+            tuple(take(x) for x in recurrent))
