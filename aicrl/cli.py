@@ -71,6 +71,8 @@ TRAIN_HELP = {
     "dev_images": "score only the first N dev images after each epoch (0 = all)",
     "min_freq": "keep words seen at least this many times in the training captions; rarer ones become <unk>",
     "max_words": "training captions are cut to this many words",
+    "decoder": "show-attend-tell (one LSTM with soft attention, the paper's) or up-down (an attention LSTM and "
+               "a language LSTM, Anderson et al. 2018)",
     "embed_dim": "word embedding size",
     "hidden_dim": "LSTM hidden state size",
     "attention_dim": "size of the attention layer that scores the image regions",

@@ -12,6 +12,7 @@ MAX_VARIANTS = 10  # likewise for the number of different captions of one photo
 @dataclass
 class CaptionerConfig:
     encoder: str = "efficientnet-lite2"
+    decoder: str = "show-attend-tell"  # or "up-down" (model/decoder.py)
     feature_dim: int = 1280  # channels of the encoder grid
     vocab_size: int = 0  # set from the vocabulary
     embed_dim: int = 512

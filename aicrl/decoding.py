@@ -43,7 +43,7 @@ class Hypothesis:
 
 
 def as_step_decoder(decoder) -> StepDecoder:
-    """A StepDecoder as it is, or a torch AttentionLSTMDecoder wrapped in TorchSteps."""
+    """A StepDecoder as it is, or a torch decoder wrapped in TorchSteps."""
     if hasattr(decoder, "reorder"):
         return decoder
     from .model.torch_steps import TorchSteps  # torch only where a torch module is given

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .data.vocab import SPECIALS, UNK
-from .model.decoder import AttentionLSTMDecoder
+from .model.decoder import CaptionDecoder
 
 UNK_ID = SPECIALS.index(UNK)
 
@@ -35,7 +35,7 @@ class Samples:
         return out
 
 
-def sample(decoder: AttentionLSTMDecoder, features: torch.Tensor, start: int, end: int, n: int,
+def sample(decoder: CaptionDecoder, features: torch.Tensor, start: int, end: int, n: int,
            max_length: int = 20, styles: torch.Tensor | None = None, temperature: float = 1.0) -> Samples:
     """`n` captions per image, drawn word by word from the decoder's distribution, with gradients.
     Rows come image by image: image 0's n samples, then image 1's, ..."""

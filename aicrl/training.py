@@ -46,7 +46,7 @@ from .data.vocab import MIRROR_SWAPS, Vocabulary, tokenize
 from .devices import autocast, autocast_dtype, data_parallel, distributed_backend, grad_scaler, resolve_device
 from .evaluation import caption_images, diversity, quick_scores
 from .model.captioner import Captioner
-from .model.decoder import AttentionLSTMDecoder, caption_loss
+from .model.decoder import build_decoder, caption_loss
 from .model.encoders import ENCODERS
 from .rewards import CiderD
 from .self_critical import sample, self_critical_loss
@@ -69,6 +69,7 @@ class TrainConfig:
     min_freq: int = 5
     max_words: int = 25  # training captions are cut to this many words
     # model
+    decoder: str = "show-attend-tell"  # show-attend-tell or up-down
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
@@ -256,13 +257,13 @@ def prepare(cfg: TrainConfig, device: torch.device, main_process: bool = True) -
     else:
         vocab = Vocabulary.build((r.caption for r in train_records), cfg.min_freq)
         styles = data.styles()
-        model_cfg = CaptionerConfig(encoder=cache.encoder,
+        model_cfg = CaptionerConfig(encoder=cache.encoder, decoder=cfg.decoder,
                                     feature_dim=ENCODERS.get(cache.encoder, cache.dim) if last_stage_input else cache.dim,
                                     vocab_size=len(vocab),
                                     embed_dim=cfg.embed_dim, hidden_dim=cfg.hidden_dim,
                                     attention_dim=cfg.attention_dim, style_dim=cfg.style_dim, styles=styles,
                                     dropout=cfg.dropout)
-        captioner = Captioner(model_cfg, vocab, AttentionLSTMDecoder(model_cfg))
+        captioner = Captioner(model_cfg, vocab, build_decoder(model_cfg))
 
     mirror_feats = mirror_ids = None
     if cfg.mirrored_features:

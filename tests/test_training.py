@@ -366,3 +366,36 @@ def test_mirrored_caches_are_for_training_only(tiny_flickr, tiny_cache, tiny_mir
     model = Captioner.from_pretrained(train(replace(cfg, mirrored_features=""))["out"] + "/best", backend="torch")
     with pytest.raises(ValueError, match="mirrored"):
         features_source(model, tiny_flickr / "images", tiny_mirrored_cache)
+
+
+def test_up_down_decoder_trains_saves_loads_and_exports(tiny_flickr, tiny_cache, tmp_path):
+    """The second decoder type plugs into training (both objectives), the model folder, decoding and ONNX."""
+    from aicrl.export import export_onnx
+    from aicrl.model.decoder import UpDownDecoder
+
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), decoder="up-down", epochs=8,
+                      style_file=str(tiny_flickr / "styles.jsonl"), out=str(tmp_path / "xe"), **SMALL)
+    train(cfg)
+    first, last = _history(cfg.out)[0], _history(cfg.out)[-1]
+    assert last["train_loss"] < first["train_loss"] - 0.3
+    scst = replace(cfg, objective="self-critical", init_from=cfg.out + "/best", epochs=1, scst_samples=3,
+                   out=str(tmp_path / "scst"))
+    train(scst)
+    model = Captioner.from_pretrained(tmp_path / "scst" / "best", backend="torch")
+    assert isinstance(model.decoder, UpDownDecoder) and model.config.decoder == "up-down"
+    model.config.precision = "fp32"
+    features = FeatureCache(tiny_cache).get(FeatureCache(tiny_cache).names[:4]).float()
+    export_onnx(tmp_path / "scst" / "best")
+    onnx = Captioner.from_pretrained(tmp_path / "scst" / "best", backend="onnx")
+    for style in ("factual", "romantic"):
+        a = model.decode(features, beam_size=3, n_best=2, style=style)
+        b = onnx.decode(features.numpy(), beam_size=3, n_best=2, style=style)
+        assert [[h.tokens for h in x] for x in a] == [[h.tokens for h in x] for x in b]
+        assert all(abs(h.logprob - g.logprob) < 1e-3 for x, y in zip(a, b) for h, g in zip(x, y))
+
+
+def test_unknown_decoder_is_refused(tiny_flickr, tiny_cache, tmp_path):
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), decoder="transformer", epochs=1,
+                      out=str(tmp_path / "x"), **SMALL)
+    with pytest.raises(ValueError, match="up-down"):
+        train(cfg)

@@ -36,7 +36,7 @@ from .tags import CLASSIFIER_FILE, head_weights, load_head, tags_from_features
 
 if TYPE_CHECKING:
     from ..runtime import OnnxModel
-    from .decoder import AttentionLSTMDecoder
+    from .decoder import CaptionDecoder
     from .encoders import ImageEncoder
 
 BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
@@ -98,7 +98,7 @@ class Captioner:
     Built from torch modules (`Captioner(config, vocab, decoder, encoder)`, as training does) or from
     an ONNX export (`runtime=OnnxModel(...)`, as `from_pretrained` does when it can)."""
 
-    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, decoder: "AttentionLSTMDecoder | None" = None,
+    def __init__(self, config: CaptionerConfig, vocab: Vocabulary, decoder: "CaptionDecoder | None" = None,
                  encoder: "ImageEncoder | None" = None, *, runtime: "OnnxModel | None" = None):
         if (decoder is None) == (runtime is None):
             raise ValueError("give either a torch decoder or an ONNX runtime")
@@ -131,7 +131,7 @@ class Captioner:
         return "torch" if self.runtime is None else "onnx"
 
     @property
-    def decoder(self) -> "AttentionLSTMDecoder":
+    def decoder(self) -> "CaptionDecoder":
         if self._decoder is None:
             raise AttributeError("this Captioner runs on ONNX Runtime; load it with backend='torch' for "
                                  "the torch modules")
@@ -258,10 +258,10 @@ class Captioner:
                                encoder: "ImageEncoder | None") -> "Captioner":
         from safetensors.torch import load_file
 
-        from .decoder import AttentionLSTMDecoder
+        from .decoder import build_decoder
 
         tensors = load_file(str(path / "model.safetensors"))
-        decoder = AttentionLSTMDecoder(config)
+        decoder = build_decoder(config)
         decoder.load_state_dict({k: v.float() for k, v in tensors.items() if not k.startswith("encoder.")})
         model = cls(config, vocab, decoder, encoder)
         encoder_state = {k[8:]: v.float() for k, v in tensors.items() if k.startswith("encoder.")}

@@ -1,5 +1,12 @@
-"""The attention LSTM decoder (Show, Attend and Tell, soft attention), its whole forward pass here.
+"""The decoders, each with its whole forward pass here: Show, Attend and Tell (soft attention, the
+paper's) and Up-Down (two LSTMs, top-down attention); `config.decoder` picks one (`build_decoder`).
 
+Both answer the same calls: `start(features, styles)` -> (features, projected, style, state),
+`step(words, state, features, projected, style)` -> (logits, state, attention), and `forward` for
+teacher forcing. `state` is the decoder's own tuple of tensors, named by `state_names`; nobody
+else looks inside it (beam search only reorders its rows).
+
+Show, Attend and Tell:
 At each step t the decoder
   1. scores every image region against the previous hidden state (additive attention) -> alpha_t,
   2. takes the weighted sum of region features, scaled by a learnt gate beta_t -> context z_t,
@@ -35,7 +42,31 @@ class AdditiveAttention(nn.Module):
         return context, alpha
 
 
-class AttentionLSTMDecoder(nn.Module):
+class CaptionDecoder(nn.Module):
+    """What every decoder shares: the style vector and teacher forcing over its `start` and `step`."""
+    state_names: tuple[str, ...] = ()
+    style_embed: nn.Embedding | None
+
+    def style_vector(self, features: torch.Tensor, styles: torch.Tensor | None) -> torch.Tensor | None:
+        if self.style_embed is None:
+            return None
+        if styles is None:  # the first style (factual)
+            styles = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
+        return self.style_embed(styles)
+
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, styles: torch.Tensor | None = None):
+        """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V) for
+        captions[:, 1:] and attention (B, T-1, R)."""
+        features, projected, style, state = self.start(features, styles)
+        logits, alphas = [], []
+        for t in range(captions.size(1) - 1):
+            step_logits, state, alpha = self.step(captions[:, t], state, features, projected, style)
+            logits.append(step_logits)
+            alphas.append(alpha)
+        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+
+class AttentionLSTMDecoder(CaptionDecoder):
     state_names = ("h", "c")  # the recurrent state's tensors, in order (ONNX graphs name them so)
 
     def __init__(self, config: CaptionerConfig):
@@ -64,11 +95,7 @@ class AttentionLSTMDecoder(nn.Module):
         """Prepare a batch of image grids: normalised features, their attention projection,
         the style vector and the initial LSTM state."""
         features = self.feature_norm(features.float())
-        style = None
-        if self.style_embed is not None:
-            if styles is None:
-                styles = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
-            style = self.style_embed(styles)
+        style = self.style_vector(features, styles)
         pooled = features.mean(1) if style is None else torch.cat([features.mean(1), style], 1)
         state = (torch.tanh(self.init_h(pooled)), torch.tanh(self.init_c(pooled)))
         return features, self.attention.project_features(features), style, state
@@ -88,16 +115,62 @@ class AttentionLSTMDecoder(nn.Module):
         logits = self.out_words(self.dropout(torch.tanh(deep)))
         return logits, (h, c), alpha
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, styles: torch.Tensor | None = None):
-        """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V) for
-        captions[:, 1:] and attention (B, T-1, R)."""
-        features, projected, style, state = self.start(features, styles)
-        logits, alphas = [], []
-        for t in range(captions.size(1) - 1):
-            step_logits, state, alpha = self.step(captions[:, t], state, features, projected, style)
-            logits.append(step_logits)
-            alphas.append(alpha)
-        return torch.stack(logits, 1), torch.stack(alphas, 1)
+
+class UpDownDecoder(CaptionDecoder):
+    """Top-down attention with two LSTMs (Anderson et al. 2018, "Up-Down"), over the encoder's grid.
+
+    At each step t
+      1. the attention LSTM reads [language LSTM's previous h; mean region feature; embedding of
+         y_{t-1}; style],
+      2. its new hidden state scores every region (additive attention) -> alpha_t, context z_t,
+      3. the language LSTM reads [z_t; attention LSTM's h; style] and predicts y_t from its
+         dropped-out hidden state (and the style).
+    Both LSTMs start from zeros, as in the paper.
+    """
+    state_names = ("h_attention", "c_attention", "h_language", "c_language")
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        c = self.config = config
+        style_dim = c.style_dim if len(c.styles) > 1 else 0
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.style_embed = nn.Embedding(len(c.styles), style_dim) if style_dim else None
+        self.feature_norm = nn.LayerNorm(c.feature_dim)
+        self.attention = AdditiveAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        self.attention_lstm = nn.LSTMCell(c.hidden_dim + c.feature_dim + c.embed_dim + style_dim, c.hidden_dim)
+        self.language_lstm = nn.LSTMCell(c.feature_dim + c.hidden_dim + style_dim, c.hidden_dim)
+        self.dropout = nn.Dropout(c.dropout)
+        self.out_style = nn.Linear(style_dim, c.vocab_size, bias=False) if style_dim else None
+        self.out_words = nn.Linear(c.hidden_dim, c.vocab_size)
+
+    def start(self, features: torch.Tensor, styles: torch.Tensor | None = None):
+        features = self.feature_norm(features.float())
+        style = self.style_vector(features, styles)
+        state = tuple(features.new_zeros(features.size(0), self.config.hidden_dim) for _ in self.state_names)
+        return features, self.attention.project_features(features), style, state
+
+    def step(self, words: torch.Tensor, state: State, features: torch.Tensor,
+             projected: torch.Tensor, style: torch.Tensor | None):
+        h_att, c_att, h_lang, c_lang = state
+        extra = [] if style is None else [style]
+        h_att, c_att = self.attention_lstm(
+            torch.cat([h_lang, features.mean(1), self.embed(words), *extra], 1), (h_att, c_att))
+        context, alpha = self.attention(features, projected, h_att)
+        h_lang, c_lang = self.language_lstm(torch.cat([context, h_att, *extra], 1), (h_lang, c_lang))
+        logits = self.out_words(self.dropout(h_lang))
+        if style is not None:
+            logits = logits + self.out_style(style)
+        return logits, (h_att, c_att, h_lang, c_lang), alpha
+
+
+DECODERS = {"show-attend-tell": AttentionLSTMDecoder, "up-down": UpDownDecoder}
+
+
+def build_decoder(config: CaptionerConfig) -> CaptionDecoder:
+    """The decoder that `config.decoder` names."""
+    if config.decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {config.decoder!r}; choose from {sorted(DECODERS)}")
+    return DECODERS[config.decoder](config)
 
 
 def caption_loss(logits: torch.Tensor, alphas: torch.Tensor, targets: torch.Tensor, pad: int,

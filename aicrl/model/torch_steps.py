@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from .decoder import AttentionLSTMDecoder
+from .decoder import CaptionDecoder
 
 
 class TorchSteps:
@@ -15,7 +15,7 @@ class TorchSteps:
     `dtype` is the autocast type of the steps (bf16 halves the weight traffic of a few beams; scores
     stay fp32)."""
 
-    def __init__(self, decoder: AttentionLSTMDecoder, dtype: torch.dtype | None = None):
+    def __init__(self, decoder: CaptionDecoder, dtype: torch.dtype | None = None):
         self.decoder, self.dtype = decoder.eval(), dtype
 
     def _autocast(self):
