@@ -100,36 +100,30 @@ def lite2():
     return build_encoder("efficientnet-lite2")
 
 
-@pytest.fixture(scope="session")
-def tiny_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
+def _tiny_cache(tiny_flickr: Path, encoder, folder: Path, **options) -> Path:
+    """A feature cache of every tiny photo (options: extract_features's stage, mirror)."""
     from aicrl.data.datasets import read_flickr8k
     from aicrl.data.features import extract_features
 
     data = read_flickr8k(tiny_flickr)
-    out = tmp_path_factory.mktemp("cache")
-    extract_features(lite2, data.image_dir, data.images(), out, batch_size=8, num_workers=0)
-    return out
+    extract_features(encoder, data.image_dir, data.images(), folder, batch_size=8, num_workers=0, **options)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
+    return _tiny_cache(tiny_flickr, lite2, tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")
 def tiny_mirrored_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
     """The tiny photos flipped left to right (training augmentation)."""
-    from aicrl.data.datasets import read_flickr8k
-    from aicrl.data.features import extract_features
-
-    data = read_flickr8k(tiny_flickr)
-    out = tmp_path_factory.mktemp("mirrored_cache")
-    extract_features(lite2, data.image_dir, data.images(), out, batch_size=8, num_workers=0, mirror=True)
-    return out
+    return _tiny_cache(tiny_flickr, lite2, tmp_path_factory.mktemp("mirrored_cache"), mirror=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_last_stage_cache(tiny_flickr, lite2, tmp_path_factory) -> Path:
     """What enters Lite2's last stage, for fine-tuning it."""
-    from aicrl.data.datasets import read_flickr8k
-    from aicrl.data.features import LAST_STAGE_INPUT, extract_features
+    from aicrl.data.features import LAST_STAGE_INPUT
 
-    data = read_flickr8k(tiny_flickr)
-    out = tmp_path_factory.mktemp("last_stage_cache")
-    extract_features(lite2, data.image_dir, data.images(), out, batch_size=8, num_workers=0, stage=LAST_STAGE_INPUT)
-    return out
+    return _tiny_cache(tiny_flickr, lite2, tmp_path_factory.mktemp("last_stage_cache"), stage=LAST_STAGE_INPUT)

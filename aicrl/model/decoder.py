@@ -43,16 +43,29 @@ class AdditiveAttention(nn.Module):
 
 
 class CaptionDecoder(nn.Module):
-    """What every decoder shares: the style vector and teacher forcing over its `start` and `step`."""
+    """What every decoder shares: word and style embeddings, the normalised grid with its attention
+    projection, and teacher forcing over the subclass's `start` and `step`."""
     state_names: tuple[str, ...] = ()
-    style_embed: nn.Embedding | None
 
-    def style_vector(self, features: torch.Tensor, styles: torch.Tensor | None) -> torch.Tensor | None:
-        if self.style_embed is None:
-            return None
-        if styles is None:  # the first style (factual)
-            styles = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
-        return self.style_embed(styles)
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        c = self.config = config
+        self.style_dim = c.style_dim if len(c.styles) > 1 else 0
+        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.style_embed = nn.Embedding(len(c.styles), self.style_dim) if self.style_dim else None
+        self.feature_norm = nn.LayerNorm(c.feature_dim)
+        self.attention = AdditiveAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+
+    def image_context(self, features: torch.Tensor, styles: torch.Tensor | None):
+        """Normalised features, their attention projection and the style vector (None without styles;
+        styles None means the first style, factual)."""
+        features = self.feature_norm(features.float())
+        style = None
+        if self.style_embed is not None:
+            if styles is None:
+                styles = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
+            style = self.style_embed(styles)
+        return features, self.attention.project_features(features), style
 
     def forward(self, features: torch.Tensor, captions: torch.Tensor, styles: torch.Tensor | None = None):
         """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V) for
@@ -70,13 +83,8 @@ class AttentionLSTMDecoder(CaptionDecoder):
     state_names = ("h", "c")  # the recurrent state's tensors, in order (ONNX graphs name them so)
 
     def __init__(self, config: CaptionerConfig):
-        super().__init__()
-        c = self.config = config
-        style_dim = c.style_dim if len(c.styles) > 1 else 0
-        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
-        self.style_embed = nn.Embedding(len(c.styles), style_dim) if style_dim else None
-        self.feature_norm = nn.LayerNorm(c.feature_dim)
-        self.attention = AdditiveAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        super().__init__(config)
+        c, style_dim = config, self.style_dim
         self.init_h = nn.Linear(c.feature_dim + style_dim, c.hidden_dim)
         self.init_c = nn.Linear(c.feature_dim + style_dim, c.hidden_dim)
         self.gate = nn.Linear(c.hidden_dim, c.feature_dim)  # beta_t, "is the model looking at the image"
@@ -94,11 +102,10 @@ class AttentionLSTMDecoder(CaptionDecoder):
     def start(self, features: torch.Tensor, styles: torch.Tensor | None = None):
         """Prepare a batch of image grids: normalised features, their attention projection,
         the style vector and the initial LSTM state."""
-        features = self.feature_norm(features.float())
-        style = self.style_vector(features, styles)
+        features, projected, style = self.image_context(features, styles)
         pooled = features.mean(1) if style is None else torch.cat([features.mean(1), style], 1)
         state = (torch.tanh(self.init_h(pooled)), torch.tanh(self.init_c(pooled)))
-        return features, self.attention.project_features(features), style, state
+        return features, projected, style, state
 
     def step(self, words: torch.Tensor, state: State, features: torch.Tensor,
              projected: torch.Tensor, style: torch.Tensor | None):
@@ -130,13 +137,8 @@ class UpDownDecoder(CaptionDecoder):
     state_names = ("h_attention", "c_attention", "h_language", "c_language")
 
     def __init__(self, config: CaptionerConfig):
-        super().__init__()
-        c = self.config = config
-        style_dim = c.style_dim if len(c.styles) > 1 else 0
-        self.embed = nn.Embedding(c.vocab_size, c.embed_dim)
-        self.style_embed = nn.Embedding(len(c.styles), style_dim) if style_dim else None
-        self.feature_norm = nn.LayerNorm(c.feature_dim)
-        self.attention = AdditiveAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        super().__init__(config)
+        c, style_dim = config, self.style_dim
         self.attention_lstm = nn.LSTMCell(c.hidden_dim + c.feature_dim + c.embed_dim + style_dim, c.hidden_dim)
         self.language_lstm = nn.LSTMCell(c.feature_dim + c.hidden_dim + style_dim, c.hidden_dim)
         self.dropout = nn.Dropout(c.dropout)
@@ -144,10 +146,9 @@ class UpDownDecoder(CaptionDecoder):
         self.out_words = nn.Linear(c.hidden_dim, c.vocab_size)
 
     def start(self, features: torch.Tensor, styles: torch.Tensor | None = None):
-        features = self.feature_norm(features.float())
-        style = self.style_vector(features, styles)
+        features, projected, style = self.image_context(features, styles)
         state = tuple(features.new_zeros(features.size(0), self.config.hidden_dim) for _ in self.state_names)
-        return features, self.attention.project_features(features), style, state
+        return features, projected, style, state
 
     def step(self, words: torch.Tensor, state: State, features: torch.Tensor,
              projected: torch.Tensor, style: torch.Tensor | None):
