@@ -63,7 +63,9 @@ class _Step(nn.Module):
 
     def forward(self, words, *tensors):
         n = len(self.decoder.state_names)
-        logits, state, alpha = self.decoder.step(words, tuple(tensors[:n]), *tensors[n:])
+        features, projected, *style = tensors[n:]
+        logits, state, alpha = self.decoder.step(words, tuple(tensors[:n]), features, projected,
+                                                 style[0] if style else None)
         return (logits, *state, alpha)
 
 
