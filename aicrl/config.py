@@ -7,6 +7,7 @@ from pathlib import Path
 
 MAX_BEAM_SIZE = 10  # the one beam limit of the page, the API and the command line
 MAX_VARIANTS = 10  # likewise for the number of different captions of one photo
+BACKENDS = ("auto", "onnx", "onnx-int8", "torch")  # what runs a model folder (Captioner.from_pretrained)
 
 
 @dataclass

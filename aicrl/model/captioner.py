@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..config import MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
+from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
 from ..decoding import Hypothesis, beam_search, greedy, sample
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from .decoder import CaptionDecoder
     from .encoders import ImageEncoder
 
-BACKENDS = ("auto", "onnx", "onnx-int8", "torch")
 _fallbacks_said: set[str] = set()  # model folders whose ONNX fallback was reported on stderr
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px

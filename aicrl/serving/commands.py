@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..config import MAX_BEAM_SIZE, MAX_VARIANTS
+from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS
 from ..data.images import image_files
 from ..devices import add_device_option
 
@@ -19,7 +19,7 @@ MAX_FILE_BYTES = 100 * 1024 * 1024  # `aicrl index` skips bigger files instead o
 
 
 def add_backend(p, default: str = "auto") -> None:
-    p.add_argument("--backend", choices=["auto", "onnx", "onnx-int8", "torch"], default=default,
+    p.add_argument("--backend", choices=BACKENDS, default=default,
                    help="run the model on ONNX Runtime (fast, no torch; needs the model's `aicrl export` "
                         "files), on its int8 graphs (faster still, slightly different captions; `aicrl export "
                         "--int8`) or on torch; auto: ONNX when the model folder has them" + f" (default {default})")
