@@ -43,8 +43,9 @@ def trigram_shares(captions: Iterable[str]) -> dict[str, float]:
 
 
 class PhrasePenalty:
-    """The decode-time side: (N, t) word histories -> (N, V) logit penalties (or None: nothing to do).
-    `table` maps a context (the last word, or the last two) to (next words, penalties)."""
+    """The decode-time side, a logit processor (aicrl/decoding/processors.py): the words that would
+    complete a stock phrase cost more. `table` maps a context (the last word, or the last two) to
+    (next words, penalties)."""
 
     def __init__(self, table: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]], vocab_size: int):
         self.table, self.vocab_size = table, vocab_size
@@ -62,6 +63,10 @@ class PhrasePenalty:
                         out = np.zeros((len(history), self.vocab_size), dtype=np.float32)
                     out[row, hit[0]] += hit[1]
         return out
+
+    def __call__(self, scores: np.ndarray, ctx) -> np.ndarray:
+        penalty = self.penalty(ctx.history)
+        return scores if penalty is None else scores - penalty
 
 
 @dataclass

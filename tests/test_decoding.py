@@ -1,7 +1,7 @@
 """Beam search and greedy decoding on a scripted step function: images that finish early leave the batch."""
 import numpy as np
 
-from aicrl.decoding import beam_search, greedy
+from aicrl.decoding import GenerationOptions, beam_search, greedy
 
 
 class PerImageSteps:
@@ -34,8 +34,8 @@ def short_and_long() -> PerImageSteps:
 
 def test_a_finished_image_leaves_the_batch_and_changes_nothing():
     features = np.arange(2, dtype=np.float32).reshape(2, 1, 1)
-    for decode, k in ((lambda s, f: beam_search(s, f, 1, 2, beam_size=3, n_best=3), 3),
-                      (lambda s, f: [[h] for h in greedy(s, f, 1, 2)], 1)):
+    for decode, k in ((lambda s, f: beam_search(s, f, GenerationOptions(1, 2, beam_size=3, n_best=3)), 3),
+                      (lambda s, f: [[h] for h in greedy(s, f, GenerationOptions(1, 2))], 1)):
         steps = short_and_long()
         batched = decode(steps, features)
         assert [h.tokens for h in batched[0]][:1] == [[4]] and batched[1][0].tokens == [4, 5, 6, 7, 8]

@@ -8,7 +8,7 @@ import torch
 
 from aicrl.config import CaptionerConfig
 from aicrl.data.vocab import Vocabulary
-from aicrl.decoding import beam_search, greedy, sample
+from aicrl.decoding import GenerationOptions, beam_search, greedy, sample
 from aicrl.evaluation import grammar_error_rate, grammar_errors
 from aicrl.model.captioner import Captioner
 from aicrl.model.decoder import AttentionLSTMDecoder
@@ -50,14 +50,14 @@ def stock_phrase_model() -> ScriptedSteps:
 
 def test_an_overused_phrase_costs_more_and_the_next_best_wins():
     steps, features = stock_phrase_model(), np.zeros((2, 1, 4), np.float32)
-    plain = beam_search(steps, features, 1, 2, beam_size=3)
+    plain = beam_search(steps, features, GenerationOptions(1, 2, beam_size=3))
     assert [WORDS[i] for i in plain[0][0].tokens] == ["to", "impress", "his", "lover"]
     phrases = OverusedPhrases({"romantic": {"impress his lover": [0.4, 0.0]}}, target=0.04, strength=1.0)
     penalty = phrases.for_style("romantic", {w: i for i, w in enumerate(WORDS)}, len(WORDS))
     assert penalty.table[(5, 6)][0].tolist() == [7]
     assert penalty.table[(5, 6)][1][0] == pytest.approx(np.log(10))  # strength * log(share / target)
-    for hyps in (beam_search(steps, features, 1, 2, beam_size=3, phrases=penalty),
-                 [[h] for h in greedy(steps, features, 1, 2, phrases=penalty)]):
+    for hyps in (beam_search(steps, features, GenerationOptions(1, 2, beam_size=3, processors=[penalty])),
+                 [[h] for h in greedy(steps, features, GenerationOptions(1, 2, processors=[penalty]))]):
         assert [WORDS[i] for i in hyps[0][0].tokens] == ["to", "impress", "his", "friends"]
     assert phrases.for_style("humorous", {w: i for i, w in enumerate(WORDS)}, len(WORDS)) is None
 
@@ -89,15 +89,15 @@ def test_sampling_draws_from_the_nucleus_and_temperature_zero_is_greedy():
     t[1, 4], t[1, 5], t[1, 6] = 0.0, -0.1, -8.0  # after <start>: "to" or "impress"; "his" is outside top_p
     t[4:, 2] = 0.0
     steps, features = ScriptedSteps(t), np.zeros((3, 1, 4), np.float32)
-    drawn = sample(steps, features, 1, 2, n=40, temperature=1.0, top_p=0.9, rng=np.random.default_rng(0))
+    drawn = sample(steps, features, GenerationOptions(1, 2, temperature=1.0, top_p=0.9, rng=np.random.default_rng(0)), n=40)
     firsts = {h.tokens[0] for image in drawn for h in image}
     assert firsts == {4, 5}
     assert all(len(h.tokens) == 1 and h.logprob < 0 for image in drawn for h in image)
     assert all(image[0].score >= image[-1].score for image in drawn)  # best first
-    again = sample(steps, features, 1, 2, n=40, temperature=1.0, top_p=0.9, rng=np.random.default_rng(0))
+    again = sample(steps, features, GenerationOptions(1, 2, temperature=1.0, top_p=0.9, rng=np.random.default_rng(0)), n=40)
     assert [[h.tokens for h in i] for i in again] == [[h.tokens for h in i] for i in drawn]  # seeded
-    cold = sample(steps, features, 1, 2, n=1, temperature=0.0)
-    assert [i[0].tokens for i in cold] == [h.tokens for h in greedy(steps, features, 1, 2)] == [[4]] * 3
+    cold = sample(steps, features, GenerationOptions(1, 2, temperature=0.0), n=1)
+    assert [i[0].tokens for i in cold] == [h.tokens for h in greedy(steps, features, GenerationOptions(1, 2))] == [[4]] * 3
 
 
 def test_ngram_shares_count_each_caption_once():

@@ -11,7 +11,8 @@ import torch
 
 from aicrl.data.features import FeatureCache
 from aicrl.data.images import preprocess
-from aicrl.decoding import beam_search, greedy
+from aicrl.decoding import GenerationOptions, NoRepeats, StyleGuidance, beam_search, greedy
+from aicrl.model.torch_steps import TorchSteps
 from aicrl.model.captioner import Captioner
 from aicrl.training import TrainConfig, train
 
@@ -75,17 +76,19 @@ def test_beam_of_one_equals_greedy_and_batching_changes_nothing(trained, tiny_ca
     model = Captioner.from_pretrained(os.path.join(cfg.out, "best"))
     cache = FeatureCache(tiny_cache)
     features = cache.get(cache.names).float()
-    v, dec = model.vocab, model.decoder
-    greedy_out = greedy(dec, features, v.start, v.end, 20)
-    beam_one = beam_search(dec, features, v.start, v.end, beam_size=1, max_length=20)
+    v, dec = model.vocab, TorchSteps(model.decoder)
+    options = GenerationOptions(v.start, v.end, max_length=20)
+    greedy_out = greedy(dec, features, options)
+    beam_one = beam_search(dec, features, options.replace(beam_size=1))
     assert [g.tokens for g in greedy_out] == [b[0].tokens for b in beam_one]
     assert all(abs(g.logprob - b[0].logprob) < 1e-4 for g, b in zip(greedy_out, beam_one))
-    no_repeats = [greedy(dec, features, v.start, v.end, 20, content=model.content_words),
-                  [b[0] for b in beam_search(dec, features, v.start, v.end, 1, max_length=20, content=model.content_words)]]
+    no_loops = options.replace(processors=[NoRepeats(model.content_words)])
+    no_repeats = [greedy(dec, features, no_loops), [b[0] for b in beam_search(dec, features, no_loops.replace(beam_size=1))]]
     assert [g.tokens for g in no_repeats[0]] == [b.tokens for b in no_repeats[1]]
-    batched = beam_search(dec, features, v.start, v.end, beam_size=3, n_best=3, max_length=20)
+    three = options.replace(beam_size=3, n_best=3)
+    batched = beam_search(dec, features, three)
     for i in range(len(features)):
-        single = beam_search(dec, features[i:i + 1], v.start, v.end, beam_size=3, n_best=3, max_length=20)[0]
+        single = beam_search(dec, features[i:i + 1], three)[0]
         assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
         assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(single, batched[i]))
         assert [h.score for h in batched[i]] == sorted((h.score for h in batched[i]), reverse=True)
@@ -143,10 +146,11 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
     factual = [model.vocab.decode(h[0].tokens) for h in model.decode(features, beam_size=3)]
     assert not any(w in t.split() for t in factual for w in words.values()), factual
     # Style guidance keeps the style words, and its two decoders (styled, factual) stay in step.
-    v, dec = model.vocab, model.decoder
-    styles, base = model.style_ids("poet", len(features)), model.style_ids("factual", len(features))
-    guided_greedy = greedy(dec, features, v.start, v.end, 20, styles, base, 2.0)
-    guided_beam = beam_search(dec, features, v.start, v.end, 1, 1, 20, styles, 0.0, base, 2.0)
+    v, dec = model.vocab, TorchSteps(model.decoder)
+    guided = GenerationOptions(v.start, v.end, 20, 1, styles=model.style_ids("poet", len(features)),
+                               base_styles=model.style_ids("factual", len(features)), processors=[StyleGuidance(2.0)])
+    guided_greedy = greedy(dec, features, guided)
+    guided_beam = beam_search(dec, features, guided)
     assert [g.tokens for g in guided_greedy] == [b[0].tokens for b in guided_beam]
     assert all("verse" in model.vocab.decode(h[0].tokens).split()
                for h in model.decode(features, beam_size=3, style="poet", guidance=2.0))
@@ -172,17 +176,24 @@ def test_repetition_bans_stop_loops_but_not_function_words():
 
 
 def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():
-    from aicrl.decoding import _word_logprobs
+    from aicrl.decoding import SpecialTokens, StepContext, next_word_logprobs
 
     # ids 0-3 are <pad> <start> <end> <unk>; words 4-7
     styled = np.array([[0.0, 0.0, 0.0, 0.0, 3.0, 2.8, 0.0, -5.0]], dtype=np.float32)
     base = np.array([[0.0, 0.0, 0.0, 0.0, 3.0, 0.0, 0.0, -20.0]], dtype=np.float32)
-    plain = _word_logprobs(styled, 1, 2, allow_end=True)
-    guided = _word_logprobs(styled, 1, 2, True, base, guidance=1.0)
+    specials = SpecialTokens(1, 2)
+    ctx = StepContext(1, np.zeros((1, 1), np.int64), np.zeros(1, np.int64))
+    ctx.base_logits = specials(base, ctx)
+
+    def logprobs(*processors):
+        return next_word_logprobs(styled, ctx, [specials, *processors])
+
+    plain = logprobs()
+    guided = logprobs(StyleGuidance(1.0))
     assert plain.argmax() == 4 and guided.argmax() == 5  # word 5 is what the style adds
     assert np.isinf(guided[0, 7])  # implausible for the style itself: never boosted into play
     assert np.isinf(guided[0, [0, 1, 3]]).all() and np.isclose(np.exp(guided).sum(), 1.0)
-    assert np.array_equal(_word_logprobs(styled, 1, 2, True, base, guidance=0.0), plain)
+    assert np.array_equal(logprobs(StyleGuidance(0.0)), plain)
     assert styled[0, 0] == 0.0  # the caller's logits are not changed in place
 
 

@@ -29,7 +29,8 @@ import numpy as np
 from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
-from ..decoding import Hypothesis, beam_search, greedy, sample
+from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, beam_search, greedy,
+                        sample)
 from ..phrases import FILE as PHRASES_FILE
 from ..phrases import OverusedPhrases
 from .tags import CLASSIFIER_FILE, head_weights, load_head, tags_from_features
@@ -303,34 +304,38 @@ class Captioner:
         with torch.inference_mode(), autocast(self.device, autocast_dtype(self.config.precision, self.device)):
             return self.encoder(batch).float().cpu().numpy()
 
+    def generation_options(self, n: int, beam_size: int = 3, n_best: int = 1, style: str | None = None,
+                           max_length: int | None = None, guidance: float | None = None) -> GenerationOptions:
+        """How `decode` decodes `n` images: the config's defaults and the per-word rules. A styled
+        caption is contrasted with the default (factual) one (StyleGuidance) and kept off the style's
+        stock phrases (aicrl/phrases.py); no caption loops over its content words (NoRepeats)."""
+        styles = self.style_ids(style, n)
+        styled = styles is not None and style not in (None, "", self.styles[0])
+        guidance = self.config.guidance_for(style) if guidance is None else guidance
+        processors: list = [NoRepeats(self.content_words)] if self.config.block_repeats else []
+        phrases = self.phrases.for_style(style, self.vocab.stoi, len(self.vocab)) if styled and self.phrases else None
+        if phrases is not None:
+            processors.append(phrases)
+        if styled and guidance > 0:
+            processors.append(StyleGuidance(guidance))
+        return GenerationOptions(self.vocab.start, self.vocab.end, max_length or self.config.max_length, beam_size,
+                                 n_best, self.config.length_penalty, styles,
+                                 np.zeros_like(styles) if styled and guidance > 0 else None, processors)
+
     def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                max_length: int | None = None, guidance: float | None = None,
                variants: int = 1) -> list[list[Hypothesis]]:
         """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch.
         `variants` > 1: that many different captions per image, best first (see `_variants`)."""
-        n = len(features)
-        styles = self.style_ids(style, n)
-        max_length = max_length or self.config.max_length
-        guidance = self.config.guidance_for(style) if guidance is None else guidance
-        styled = styles is not None and style not in (None, "", self.styles[0])
-        # A styled caption is contrasted with the default (factual) one (decoding._word_logprobs),
-        # and kept off the style's stock phrases (aicrl/phrases.py).
-        base = np.zeros_like(styles) if styled else None
-        phrases = self.phrases.for_style(style, self.vocab.stoi, len(self.vocab)) if styled and self.phrases else None
-        content = self.content_words if self.config.block_repeats else None
-        v, steps = self.vocab, self.steps()
-        lp = self.config.length_penalty
+        options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance)
+        steps = self.steps()
         if variants == 1:
             if beam_size == 1:
-                return [[h] for h in greedy(steps, features, v.start, v.end, max_length, styles, base, guidance,
-                                            content, phrases)]
-            return beam_search(steps, features, v.start, v.end, beam_size, n_best, max_length, styles, lp, base,
-                               guidance, content, phrases)
+                return [[h] for h in greedy(steps, features, options)]
+            return beam_search(steps, features, options)
         # different captions: every beam, then sampled ones; the best that differ win
-        beams = beam_search(steps, features, v.start, v.end, beam_size, beam_size, max_length, styles, lp, base,
-                            guidance, content, phrases)
-        drawn = sample(steps, features, v.start, v.end, 4 * variants, max_length, styles, base, guidance, content,
-                       phrases, temperature=0.8, top_p=0.9, length_penalty=lp)
+        beams = beam_search(steps, features, options.replace(n_best=beam_size))
+        drawn = sample(steps, features, options.replace(temperature=0.8, top_p=0.9), n=4 * variants)
         return [_variants(b + d, variants) for b, d in zip(beams, drawn)]
 
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
