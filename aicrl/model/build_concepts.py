@@ -26,6 +26,7 @@ import tempfile
 from collections import Counter, deque
 from pathlib import Path
 
+from ..hallucination import read_synonyms
 from .concepts import FILE, PERSON_WORDS, plural
 from .tags import imagenet_classes
 
@@ -128,16 +129,6 @@ def caption_counts(files: list[Path]) -> Counter:
             counts.update(words)
             counts.update(" ".join(pair) for pair in zip(words, words[1:]))
     return counts
-
-
-def read_synonyms(path: Path) -> dict[str, str]:
-    """CHAIR synonyms file -> {synonym: COCO class} (the class name first on each line)."""
-    table = {}
-    for line in path.read_text().splitlines():
-        names = [n.strip().lower() for n in line.split(",") if n.strip()]
-        for name in names:
-            table.setdefault(name, names[0])
-    return table
 
 
 def lemma_text(lemma) -> str:
