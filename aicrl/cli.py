@@ -306,7 +306,10 @@ def _add_evaluate(sub) -> None:
                        "(and --style-file) it scores styled captions on the style file's dev images: BLEU, "
                        "METEOR, CIDEr against styled references, style accuracy and content overlap.")
     _model_and_dataset(p)
-    p.add_argument("--split", default="test", help="train, dev or test (default test)")
+    p.add_argument("--split", default="test", help="train, dev, test or all (every image of the folder; "
+                   "for a small sample like coco_mini) (default test)")
+    p.add_argument("--chair-synonyms", metavar="FILE", help="CHAIR object synonyms (80 COCO classes) for the "
+                   "hallucination measures (default: <data-dir>/../chair/synonyms.txt where it exists)")
     p.add_argument("--features", metavar="DIR",
                    help="feature cache of the same encoder (much faster than reading the images)")
     p.add_argument("--beam-size", type=beam_size_arg, default=3, metavar="K", help="beam width, 1 to 10 (default 3)")
@@ -328,7 +331,9 @@ def cmd_evaluate(args) -> int:
     from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
     from .evaluation import (caption_images, evaluate_factual, evaluate_style, features_source,
                              fit_style_classifier)
+    from .hallucination import grounding, recording_probabilities, synonyms_path
     from .model.captioner import Captioner, default_model_dir
+    from .model.concepts import ConceptTable
 
     captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
     if args.length_penalty is not None:
@@ -336,6 +341,10 @@ def cmd_evaluate(args) -> int:
     if args.style_guidance is not None:
         captioner.config.style_guidance = args.style_guidance
     data = load_dataset(args.dataset, args.data_dir)
+    try:  # checked before the long captioning, not after
+        synonyms_file = synonyms_path(args.chair_synonyms, args.data_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"aicrl: {e}")
     features_of = features_source(captioner, data.image_dir, args.features)
     settings = {"model": args.model or "shipped", "beam_size": args.beam_size,
                 "length_penalty": captioner.config.length_penalty, "style_guidance": captioner.config.style_guidance}
@@ -356,8 +365,12 @@ def cmd_evaluate(args) -> int:
     else:
         refs = data.references(args.split)
         names = list(refs)[: args.limit or None]
+        probabilities: dict = {}
+        features_of = recording_probabilities(features_of, captioner.classifier(), probabilities)
         preds = caption_images(captioner, names, features_of, args.beam_size)
         result = evaluate_factual(preds, refs)
+        table = ConceptTable.load(args.model or default_model_dir())
+        result["grounding"] = grounding(preds, refs, synonyms_file, probabilities, table)
         settings["split"] = args.split
     result = settings | result | {"examples": dict(list(preds.items())[:5])}
     text = json.dumps(result, indent=2)

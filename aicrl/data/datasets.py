@@ -14,6 +14,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FACTUAL = "factual"
+ALL = "all"  # the split name that selects every image (a small sample like coco_mini)
 DATASETS = ("flickr8k", "coco")
 # What a model card says a model trained on each dataset learnt from (see serving/card.py).
 DATASET_DESCRIPTIONS = {
@@ -41,10 +42,10 @@ class CaptionData:
         return list(seen)
 
     def references(self, split: str, style: str = FACTUAL) -> dict[str, list[str]]:
-        """image -> its captions of one style, for evaluation."""
+        """image -> its captions of one style (of one split, or of every image for ALL), for evaluation."""
         refs: dict[str, list[str]] = defaultdict(list)
         for r in self.records:
-            if r.split == split and r.style == style:
+            if split in (r.split, ALL) and r.style == style:
                 refs[r.image].append(r.caption)
         return dict(refs)
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .concepts import imagenet_probabilities
+
 TOP_K = 5
 MIN_PROBABILITY = 0.05  # below this a label is mostly noise
 CLASSIFIER_FILE = "classifier.npz"  # in an exported model folder: weight (1000, dim), bias (1000,)
@@ -59,10 +61,7 @@ def tags_from_features(head: tuple[np.ndarray, np.ndarray], features: np.ndarray
                        min_probability: float = MIN_PROBABILITY) -> list[list[dict]]:
     """(B, regions, dim) grids -> per image, up to `top_k` {"label", "probability"} above the
     threshold, most likely first."""
-    weight, bias = head
-    logits = np.asarray(features, dtype=np.float32).mean(1) @ weight.T + bias
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = imagenet_probabilities(head, features)
     names = imagenet_classes()
     out = []
     for row in probs:

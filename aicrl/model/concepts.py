@@ -1,0 +1,130 @@
+"""Concepts: the encoder's 1,000 ImageNet classes as the plain words people use in captions.
+
+ImageNet names breeds and varieties ("tabby", "dalmatian", "Granny Smith", "espresso"); captions
+say "cat", "dog", "apple", "coffee". The table (FILE in the model folder, built from WordNet by
+build_concepts.py) gives each class its caption `word` and the COCO object class it belongs to
+(`coco`, or None), and each word's `forms` (plurals, kinds: "dog" -> "dogs", "puppy") so a caption
+can be checked for a mention. Numpy only: it runs in the torch-free base install.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+FILE = "concepts.json"  # in a model folder
+# Words that name a person or a dog in a caption (from the CHAIR synonyms of COCO's "person" and
+# "dog", Rohrbach et al. 2018, plus the plurals and everyday words Flickr8k's captions use).
+PERSON_WORDS = frozenset("""
+person people persons man men woman women boy boys girl girls child children kid kids baby babies
+adult adults guy guys lady ladies gentleman gentlemen teenager teenagers toddler toddlers player
+players rider riders biker bikers skier skiers snowboarder snowboarders skater skaters skateboarder
+skateboarders surfer surfers swimmer swimmers climber climbers crowd worker workers mother father
+bride groom couple family friends student students soldier soldiers officer policeman cop chef
+""".split())
+DOG_WORDS = frozenset("""
+dog dogs puppy puppies pup pups doggy doggie canine canines hound hounds terrier terriers poodle
+poodles retriever retrievers labrador labradors collie collies spaniel spaniels bulldog bulldogs
+beagle beagles greyhound greyhounds husky huskies dachshund dachshunds pug pugs sheepdog mutt
+""".split())
+_IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people",
+                      "mouse": "mice", "goose": "geese", "foot": "feet", "tooth": "teeth", "ox": "oxen",
+                      "sheep": "sheep", "fish": "fish", "deer": "deer", "bison": "bison",
+                      "knife": "knives", "leaf": "leaves", "wolf": "wolves", "shelf": "shelves",
+                      "skis": "skis", "scissors": "scissors", "bus": "buses"}
+_IRREGULAR_SINGULARS = {p: s for s, p in _IRREGULAR_PLURALS.items()}
+
+
+def plural(word: str) -> str:
+    """English plural of a noun or noun phrase (the last word inflects), by rule."""
+    head, _, last = word.rpartition(" ")
+    if last in _IRREGULAR_PLURALS:
+        last = _IRREGULAR_PLURALS[last]
+    elif re.search(r"(s|x|z|ch|sh)$", last):
+        last += "es"
+    elif re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + "ies"
+    elif last:
+        last += "s"
+    return f"{head} {last}" if head else last
+
+
+def singular(word: str) -> str:
+    """The singular of a plural noun, by rule ("dogs" -> "dog", "buses" -> "bus", "men" -> "man");
+    a singular word comes back unchanged (nltk's lemmatizer needs corpus data not installed)."""
+    if word in _IRREGULAR_SINGULARS:
+        return _IRREGULAR_SINGULARS[word]
+    if len(word) <= 3 or word.endswith(("ss", "us", "is")):
+        return word
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if re.search(r"(x|z|ch|sh|ss)es$", word):
+        return word[:-2]
+    if word.endswith("s"):
+        return word[:-1]
+    return word
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def imagenet_probabilities(head: tuple[np.ndarray, np.ndarray], features: np.ndarray) -> np.ndarray:
+    """(B, regions, dim) feature grids + the ImageNet head (weight, bias) -> (B, 1000) class
+    probabilities (the head sits on the average-pooled grid)."""
+    weight, bias = head
+    return softmax(np.asarray(features, dtype=np.float32).mean(1) @ weight.T + bias)
+
+
+class ConceptTable:
+    """ImageNet class index -> caption word and COCO class; word -> its forms in a caption."""
+
+    def __init__(self, classes: list[dict], forms: dict[str, list[str]]):
+        self.labels = [c["label"] for c in classes]
+        self.words = [c["word"] for c in classes]
+        self.coco = [c.get("coco") for c in classes]
+        self.vocabulary = sorted(set(self.words))  # distinct words, the columns of `word_matrix`
+        column = {w: i for i, w in enumerate(self.vocabulary)}
+        self.word_index = np.array([column[w] for w in self.words])
+        self._forms = {w: frozenset(f) for w, f in forms.items()}
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "ConceptTable | None":
+        """The table in `model_dir`, or None where the folder has none (an older model)."""
+        path = Path(model_dir) / FILE
+        if not path.is_file():
+            return None
+        table = json.loads(path.read_text(encoding="utf-8"))
+        return cls(table["classes"], table.get("forms", {}))
+
+    def word_probabilities(self, probs: np.ndarray) -> np.ndarray:
+        """(B, classes) class probabilities -> (B, len(vocabulary)) word probabilities: each word
+        gets the sum over its classes (every dog breed adds to "dog")."""
+        probs = np.asarray(probs, dtype=np.float64)
+        if probs.ndim != 2 or probs.shape[1] != len(self.words):
+            raise ValueError(f"expected (batch, {len(self.words)}) class probabilities, got {probs.shape}")
+        out = np.zeros((probs.shape[0], len(self.vocabulary)))
+        np.add.at(out.T, self.word_index, probs.T)
+        return out
+
+    def concept_probabilities(self, probs: np.ndarray, min_probability: float = 0.0) -> list[dict[str, float]]:
+        """Per image, {word: probability} for the words at or above `min_probability`, most likely first."""
+        rows = []
+        for row in self.word_probabilities(probs):
+            order = np.argsort(-row, kind="stable")
+            rows.append({self.vocabulary[i]: float(row[i]) for i in order if row[i] >= min_probability
+                         and row[i] > 0})
+        return rows
+
+    def words_of(self, word: str) -> set[str]:
+        """The forms a caption may use for `word`: itself, its plural, and the kinds WordNet puts
+        under it that captions use ("dog" -> "dogs", "puppy", "puppies", ...)."""
+        named = {"person": PERSON_WORDS, "man": PERSON_WORDS, "dog": DOG_WORDS}.get(word, frozenset())
+        return set(self._forms.get(word, ())) | named | {word, plural(word)}
+
+    def coco_of(self, word: str) -> str | None:
+        """The COCO class of a word's classes (the first that has one), or None."""
+        return next((c for w, c in zip(self.words, self.coco) if w == word and c), None)
