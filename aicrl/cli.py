@@ -155,6 +155,37 @@ def _add_search(sub) -> None:
     p.set_defaults(func=cmd_search)
 
 
+GROUND_HELP = "teach a trained model to say what the encoder sees (concepts, caption text from outside Flickr8k)"
+
+
+def _add_ground(sub) -> None:
+    from dataclasses import fields
+
+    from .grounding import REQUIRED, GroundingConfig
+
+    p = sub.add_parser("ground", help=GROUND_HELP, description="The grounding stage (aicrl/grounding.py): widen a "
+                       "trained model's vocabulary with caption text from outside Flickr8k, fit the person probe, "
+                       "give the decoder the photo's concepts as extra regions and train it on photos, photos "
+                       "without their grid, and caption text with the concepts it names. Resumable: rerun the "
+                       "same command after a kill.")
+    for f in fields(GroundingConfig):
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        required = f.default is REQUIRED
+        shown = "" if required or f.default == "" else f" (default {f.default})"
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, required=required,
+                       default=None if required else f.default, help=f.metadata["help"] + shown)
+    p.set_defaults(func=cmd_ground)
+
+
+def cmd_ground(args) -> int:
+    from dataclasses import fields
+
+    from .grounding import GroundingConfig, ground
+
+    print(json.dumps(ground(GroundingConfig(**{f.name: getattr(args, f.name) for f in fields(GroundingConfig)}))))
+    return 0
+
+
 def cmd_search(args) -> int:
     from .hparam_search import grid_search
 
@@ -470,7 +501,7 @@ def cmd_fit_phrases(args) -> int:
     return 0
 
 
-TORCH_COMMANDS = ("train", "search")  # their options come from TrainConfig, in the torch-importing training.py
+TORCH_COMMANDS = ("train", "search", "ground")  # their options come from TrainConfig, in the torch-importing training.py
 
 
 def _add_stub(sub, name: str, help: str) -> None:
@@ -489,9 +520,11 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     if full:
         _add_train(sub)
         _add_search(sub)
+        _add_ground(sub)
     else:
         _add_stub(sub, "train", "train the attention-LSTM decoder on cached features")
         _add_stub(sub, "search", "run the paper's hyperparameter grid on a small budget")
+        _add_stub(sub, "ground", GROUND_HELP)
     _add_extract(sub)
     return parser
 

@@ -28,6 +28,10 @@ class CaptionerConfig:
     # how hard a non-default style is pushed away from the default one: one weight, or one per style
     style_guidance: float | dict[str, float] = 0.0
     block_repeats: bool = True  # no content-word loops ("blue shirt and blue shirt", a word a third time)
+    # Grounding (model/concepts.py): the photo's `concept_tokens` most likely concepts (ImageNet classes
+    # as caption words, and "person") join the grid as extra regions the decoder attends to; 0: none.
+    concept_tokens: int = 0
+    num_concepts: int = 0  # concepts the decoder has embeddings for (the concept table's words + person)
 
     def guidance_for(self, style: str | None) -> float:
         """The style guidance weight of `style` (0 for a style a per-style table does not name)."""

@@ -45,12 +45,16 @@ class _Encoder(nn.Module):
 
 
 class _Start(nn.Module):
+    """`start()` with loose inputs: (features[, styles][, concept_ids, concept_probs])."""
+
     def __init__(self, decoder: nn.Module, styled: bool):
         super().__init__()
         self.decoder, self.styled = decoder, styled
 
-    def forward(self, features: torch.Tensor, styles: torch.Tensor | None = None):
-        feats, projected, style, state = self.decoder.start(features, styles if self.styled else None)
+    def forward(self, features: torch.Tensor, *rest: torch.Tensor):
+        styles = rest[0] if self.styled else None
+        concepts = tuple(rest[int(self.styled):]) or None
+        feats, projected, style, state = self.decoder.start(features, styles, concepts)
         return (feats, projected, *state) + ((style,) if self.styled else ())
 
 
@@ -170,7 +174,9 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
     images = torch.randn(2, 3, 224, 224)
     features = encoder(images).detach()
     styles = torch.tensor([0, len(cfg.styles) - 1])
-    start_inputs = ["features"] + (["styles"] if styled else [])
+    grounded = decoder.concept_embed is not None
+    concepts = (torch.randint(0, cfg.num_concepts + 1, (2, cfg.concept_tokens)), torch.rand(2, cfg.concept_tokens))
+    start_inputs = ["features"] + (["styles"] if styled else []) + (["concept_ids", "concept_probs"] if grounded else [])
     state_names = list(decoder.state_names)
     start_outputs = ["features_norm", "projected", *state_names] + (["style"] if styled else [])
     step_inputs = ["words", *state_names, "features", "projected"] + (["style"] if styled else [])
@@ -180,7 +186,7 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         tmp = Path(tmp)
         _export(_Encoder(encoder), (images,), tmp / ONNX_FILES["encoder"], ["images"], ["features"])
         start = _Start(decoder, styled)
-        start_args = (features, styles) if styled else (features,)
+        start_args = (features, *([styles] if styled else []), *(concepts if grounded else ()))
         _export(start, start_args, tmp / ONNX_FILES["start"], start_inputs, start_outputs)
         with torch.no_grad():
             start_out = start(*start_args)
@@ -218,7 +224,8 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         with torch.no_grad():
             step_ref = _Step(decoder)(*step_args)
         feed = {n: a.numpy() for n, a in zip(step_inputs, step_args)}
-        state = onnx_model.steps.start(features.numpy(), styles.numpy() if styled else None)
+        state = onnx_model.steps.start(features.numpy(), styles.numpy() if styled else None, 1,
+                                       tuple(c.numpy() for c in concepts) if grounded else None)
         checks = {
             "encoder_max_abs_diff": _max_diff([onnx_model.encode(images.numpy())], [features]),
             "start_max_abs_diff": max(float(np.abs(state[k.replace("_norm", "")] - v.numpy()).max())

@@ -116,11 +116,17 @@ class OnnxSteps:
         self._step_inputs = [i.name for i in step_session.get_inputs()]
         self._recurrent = [o.name.removesuffix(STATE_OUT) for o in step_session.get_outputs()[1:-1]]
 
-    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1) -> dict:
+    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1,
+              concepts: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
         feed = {"features": np.ascontiguousarray(features, dtype=np.float32)}
         if "styles" in self._start_inputs:  # models with one style have no style input
             feed["styles"] = (np.zeros(len(features), dtype=np.int64) if styles is None
                               else np.asarray(styles, dtype=np.int64))
+        if "concept_ids" in self._start_inputs:  # grounded models (config.concept_tokens)
+            if concepts is None:
+                raise ValueError("this model reads the photo's concepts: give GenerationOptions.concepts")
+            feed["concept_ids"] = np.asarray(concepts[0], dtype=np.int64)
+            feed["concept_probs"] = np.asarray(concepts[1], dtype=np.float32)
         out = dict(zip(self._start_outputs, self.start_session.run(None, feed)))
         out["features"] = out.pop("features_norm")  # a graph output cannot reuse its input's name
         if repeat > 1:

@@ -11,7 +11,7 @@ class PerImageSteps:
     def __init__(self, tables: np.ndarray):
         self.tables, self.rows_seen = tables.astype(np.float32), []
 
-    def start(self, features, styles, repeat=1):
+    def start(self, features, styles, repeat=1, concepts=None):
         return np.repeat(features[:, 0, 0].astype(int), repeat)
 
     def step(self, words, state):

@@ -23,7 +23,7 @@ class ScriptedSteps:
     def __init__(self, table: np.ndarray):
         self.table = table.astype(np.float32)
 
-    def start(self, features, styles, repeat=1):
+    def start(self, features, styles, repeat=1, concepts=None):
         return np.zeros(len(features) * repeat)
 
     def step(self, words, state):

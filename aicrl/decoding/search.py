@@ -2,7 +2,7 @@
 
 The search never sees a framework: a `StepDecoder` (the torch decoder for training and evaluation,
 `aicrl.model.torch_steps.TorchSteps`; ONNX Runtime for inference, `aicrl.runtime.OnnxSteps`) gives it
-    start(features, styles, repeat) -> state        state of B images, each row repeated `repeat` times
+    start(features, styles, repeat, concepts) -> state  B images, each row repeated `repeat` times
     step(words, state) -> (logits, state, attention)  one word for every row: (N, V), state, (N, R)
     reorder(state, rows) -> state                   keep/duplicate rows (beams move within an image)
     select(state, rows) -> state                    keep the rows of some images (the others are done)
@@ -22,7 +22,8 @@ from .processors import NEG_INF, LogitsProcessor, SpecialTokens, StepContext, ne
 
 
 class StepDecoder(Protocol):
-    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1) -> Any: ...
+    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1,
+              concepts: tuple[np.ndarray, np.ndarray] | None = None) -> Any: ...
 
     def step(self, words: np.ndarray, state: Any) -> tuple[np.ndarray, Any, np.ndarray]: ...
 
@@ -42,6 +43,7 @@ class GenerationOptions:
     length_penalty: float = 0.0  # rank by logprob / length**length_penalty
     styles: np.ndarray | None = None  # (B,) style ids, None for a model without styles
     base_styles: np.ndarray | None = None  # (B,) decode these alongside, for StyleGuidance
+    concepts: tuple[np.ndarray, np.ndarray] | None = None  # (B, K) concept ids and probabilities
     processors: Sequence[LogitsProcessor] = ()  # applied in order after SpecialTokens
     temperature: float = 1.0  # sampling: sharpen (< 1) or flatten; 0 takes the most likely word
     top_p: float = 0.9  # sampling: draw from the smallest set of words holding this probability
@@ -72,9 +74,10 @@ class _Stepper:
         self.specials = SpecialTokens(self.options.start, self.options.end)
 
     def begin(self, features: np.ndarray, repeat: int) -> None:
-        self.state = self.steps.start(features, _ints(self.options.styles), repeat)
+        concepts = self.options.concepts
+        self.state = self.steps.start(features, _ints(self.options.styles), repeat, concepts)
         if self.options.base_styles is not None:
-            self.base_state = self.steps.start(features, _ints(self.options.base_styles), repeat)
+            self.base_state = self.steps.start(features, _ints(self.options.base_styles), repeat, concepts)
 
     def logprobs(self, words: np.ndarray, history: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(log-probabilities of the next word (N, V), attention (N, R)) of every live row."""
@@ -174,11 +177,10 @@ def beam_search(steps: StepDecoder, features, options: GenerationOptions) -> lis
     as one batch. Decoding stops when every beam has finished or after `max_length` words; beams that
     never emitted <end> are returned as they are."""
     features = np.asarray(features, dtype=np.float32)
-    B, R = features.shape[:2]
-    k = options.beam_size
+    B, k = len(features), options.beam_size
     stepper = _Stepper(steps, options)
     stepper.begin(features, k)
-    beams = _Beams.empty(B, k, R)
+    beams = None  # made at the first step, which tells how many regions the attention covers
     words = np.full(B * k, options.start, dtype=np.int64)
     # The images still decoding; the state holds only their rows. An image whose k beams have all
     # finished can no longer change, so it leaves the batch (about 40% of the step rows of a batch
@@ -186,8 +188,10 @@ def beam_search(steps: StepDecoder, features, options: GenerationOptions) -> lis
     active = np.arange(B)
     for _ in range(options.max_length):
         A = len(active)
-        history = beams.tokens[active].reshape(A * k, -1)
+        history = beams.tokens[active].reshape(A * k, -1) if beams else np.zeros((A * k, 0), np.int64)
         lp, alpha = stepper.logprobs(words, history, np.repeat(active, k))
+        R = alpha.shape[-1]  # the grid's regions, and a grounded decoder's concept regions after them
+        beams = beams or _Beams.empty(B, k, R)
         beam, word = beams.extend(active, lp.reshape(A, k, -1), alpha.reshape(A, k, R), options)
         stepper.keep((np.arange(A)[:, None] * k + beam).reshape(-1), "reorder")
         words = word.reshape(-1).astype(np.int64)

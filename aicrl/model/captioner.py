@@ -33,6 +33,7 @@ from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance,
                         sample)
 from ..phrases import FILE as PHRASES_FILE
 from ..phrases import OverusedPhrases
+from .concepts import ConceptTable, PersonHead, imagenet_probabilities, top_concepts
 from .tags import CLASSIFIER_FILE, head_weights, load_head, tags_from_features
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class Captioner:
         self._encoder_finetuned = False
         self.device = "cpu"  # where the torch modules run (ONNX Runtime runs on the CPU)
         self.phrases: OverusedPhrases | None = None  # the styles' stock phrases (phrases.json)
+        self.concept_table: ConceptTable | None = None  # ImageNet classes as caption words (concepts.json)
+        self.person_head: PersonHead | None = None  # P(person) from the grid (grounded models)
 
     def to(self, device) -> "Captioner":
         """Move the torch modules to a device (a torch.device or 'cpu', 'cuda', ...); returns itself."""
@@ -216,6 +219,8 @@ class Captioner:
         torch is installed; otherwise it is an error naming the file."""
         model = cls._load(path, encoder, backend, threads, device)
         model.phrases = OverusedPhrases.load(path or default_model_dir())
+        model.concept_table = ConceptTable.load(path or default_model_dir())
+        model.person_head = PersonHead.load(path or default_model_dir())
         return model
 
     @classmethod
@@ -304,6 +309,18 @@ class Captioner:
         with torch.inference_mode(), autocast(self.device, autocast_dtype(self.config.precision, self.device)):
             return self.encoder(batch).float().cpu().numpy()
 
+    def concepts(self, features) -> tuple[np.ndarray, np.ndarray] | None:
+        """The concept input of a grounded decoder (config.concept_tokens) for grids (B, R, F):
+        (B, K) concept ids and probabilities, from the encoder's ImageNet head and the person probe."""
+        if not self.config.concept_tokens:
+            return None
+        head = self.classifier()
+        if head is None or self.concept_table is None or self.person_head is None:
+            raise ValueError("a grounded model needs its ImageNet head, concepts.json and person_head.npz")
+        features = np.asarray(features, dtype=np.float32)
+        words = self.concept_table.word_probabilities(imagenet_probabilities(head, features))
+        return top_concepts(words, self.person_head(features), self.config.concept_tokens)
+
     def generation_options(self, n: int, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                            max_length: int | None = None, guidance: float | None = None) -> GenerationOptions:
         """How `decode` decodes `n` images: the config's defaults and the per-word rules. A styled
@@ -320,14 +337,16 @@ class Captioner:
             processors.append(StyleGuidance(guidance))
         return GenerationOptions(self.vocab.start, self.vocab.end, max_length or self.config.max_length, beam_size,
                                  n_best, self.config.length_penalty, styles,
-                                 np.zeros_like(styles) if styled and guidance > 0 else None, processors)
+                                 np.zeros_like(styles) if styled and guidance > 0 else None, processors=processors)
 
     def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                max_length: int | None = None, guidance: float | None = None,
                variants: int = 1) -> list[list[Hypothesis]]:
         """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch.
         `variants` > 1: that many different captions per image, best first (see `_variants`)."""
+        features = features.float().cpu().numpy() if hasattr(features, "detach") else np.asarray(features, np.float32)
         options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance)
+        options.concepts = self.concepts(features)
         steps = self.steps()
         if variants == 1:
             if beam_size == 1:
@@ -359,7 +378,7 @@ class Captioner:
         results = []
         for image_hyps, image_tags in zip(hyps, tags):
             captions = [Caption(self.vocab.decode(h.tokens), h.score, h.logprob, [self.vocab.itos[t] for t in h.tokens],
-                                [[round(float(a), 4) for a in row] for row in h.attention])
+                                [[round(float(a), 4) for a in row[:GRID * GRID]] for row in h.attention])
                         for h in image_hyps]
             results.append(CaptionResult(captions, style, dict(timing), image_tags))
         return results

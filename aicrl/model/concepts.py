@@ -82,7 +82,8 @@ def imagenet_probabilities(head: tuple[np.ndarray, np.ndarray], features: np.nda
 class ConceptTable:
     """ImageNet class index -> caption word and COCO class; word -> its forms in a caption."""
 
-    def __init__(self, classes: list[dict], forms: dict[str, list[str]]):
+    def __init__(self, classes: list[dict], forms: dict[str, list[str]], source: str = ""):
+        self.classes, self.forms, self.source = classes, forms, source
         self.labels = [c["label"] for c in classes]
         self.words = [c["word"] for c in classes]
         self.coco = [c.get("coco") for c in classes]
@@ -95,10 +96,16 @@ class ConceptTable:
     def load(cls, model_dir: str | Path) -> "ConceptTable | None":
         """The table in `model_dir`, or None where the folder has none (an older model)."""
         path = Path(model_dir) / FILE
-        if not path.is_file():
-            return None
-        table = json.loads(path.read_text(encoding="utf-8"))
-        return cls(table["classes"], table.get("forms", {}))
+        return cls.read(path) if path.is_file() else None
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ConceptTable":
+        table = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(table["classes"], table.get("forms", {}), table.get("source", ""))
+
+    def save(self, model_dir: str | Path) -> None:
+        table = {"source": self.source, "classes": self.classes, "forms": self.forms}
+        (Path(model_dir) / FILE).write_text(json.dumps(table, indent=1) + "\n", encoding="utf-8")
 
     def word_probabilities(self, probs: np.ndarray) -> np.ndarray:
         """(B, classes) class probabilities -> (B, len(vocabulary)) word probabilities: each word
@@ -128,3 +135,80 @@ class ConceptTable:
     def coco_of(self, word: str) -> str | None:
         """The COCO class of a word's classes (the first that has one), or None."""
         return next((c for w, c in zip(self.words, self.coco) if w == word and c), None)
+
+
+# --- concepts as decoder input (config.concept_tokens) ---
+
+PERSON = "person"  # the one concept ImageNet has no class for: a probe on the grid gives it (PersonHead)
+PERSON_HEAD_FILE = "person_head.npz"  # in a grounded model folder: weight (dim,), bias ()
+
+
+class PersonHead:
+    """P(a person is in the photo) from the average-pooled grid: logistic regression fitted on
+    Flickr8k's training photos, labelled by whether most of their captions name a person."""
+
+    def __init__(self, weight: np.ndarray, bias: float):
+        self.weight, self.bias = np.asarray(weight, dtype=np.float32), float(bias)
+
+    def __call__(self, features: np.ndarray) -> np.ndarray:
+        logits = np.asarray(features, dtype=np.float32).mean(1) @ self.weight + self.bias
+        return 1.0 / (1.0 + np.exp(-logits))
+
+    def save(self, model_dir: str | Path) -> None:
+        np.savez(Path(model_dir) / PERSON_HEAD_FILE, weight=self.weight, bias=np.float32(self.bias))
+
+    @classmethod
+    def load(cls, model_dir: str | Path) -> "PersonHead | None":
+        path = Path(model_dir) / PERSON_HEAD_FILE
+        if not path.is_file():
+            return None
+        with np.load(path) as f:
+            return cls(f["weight"], float(f["bias"]))
+
+
+def concept_names(table: ConceptTable) -> list[str]:
+    """The decoder's concepts in id order (id 0 is "none"): the table's words, then PERSON."""
+    return [*table.vocabulary, PERSON]
+
+
+def top_concepts(word_probs: np.ndarray, person_probs: np.ndarray, k: int,
+                 min_probability: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """(B, words) word probabilities and (B,) person probabilities -> the decoder's concept input:
+    (B, k) ids (1-based, 0 = none) and probabilities. The person concept always takes one slot
+    (its absence is news too); the words fill the rest, most likely first, above `min_probability`."""
+    B, n_words = word_probs.shape
+    ids, probs = np.zeros((B, k), np.int64), np.zeros((B, k), np.float32)
+    ids[:, 0], probs[:, 0] = n_words + 1, person_probs
+    best = np.argsort(-word_probs, axis=1, kind="stable")[:, :k - 1]
+    p = np.take_along_axis(word_probs, best, 1)
+    keep = p >= min_probability
+    ids[:, 1:], probs[:, 1:] = np.where(keep, best + 1, 0), np.where(keep, p, 0)
+    return ids, probs
+
+
+class SentenceConcepts:
+    """The concepts a human caption names ("two zebras graze" -> zebra): the input a grounded decoder
+    learns to write from when a caption comes without its photo (COCO caption text)."""
+
+    def __init__(self, table: ConceptTable):
+        names = concept_names(table)
+        self.person = len(names)
+        self.forms: dict[tuple[str, ...], int] = {}
+        for i, word in enumerate(names[:-1], 1):
+            for form in sorted(table.words_of(word) - PERSON_WORDS - {PERSON}):
+                self.forms.setdefault(tuple(form.split()), i)
+        self.longest = max(len(f) for f in self.forms)
+
+    def __call__(self, words: list[str]) -> list[int]:
+        found, i = [], 0
+        while i < len(words):
+            for n in range(min(self.longest, len(words) - i), 0, -1):
+                concept = self.forms.get(tuple(words[i:i + n]))
+                if concept is not None:
+                    found.append(concept)
+                    i += n - 1
+                    break
+            i += 1
+        if any(w in PERSON_WORDS for w in words):
+            found.append(self.person)
+        return list(dict.fromkeys(found))

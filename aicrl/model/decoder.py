@@ -25,6 +25,7 @@ from torch import nn
 from ..config import CaptionerConfig
 
 State = tuple[torch.Tensor, ...]  # a decoder's recurrent state; only the decoder looks inside
+Concepts = tuple[torch.Tensor, torch.Tensor]  # (B, K) concept ids, (B, K) their probabilities
 
 
 class AdditiveAttention(nn.Module):
@@ -55,22 +56,32 @@ class CaptionDecoder(nn.Module):
         self.style_embed = nn.Embedding(len(c.styles), self.style_dim) if self.style_dim else None
         self.feature_norm = nn.LayerNorm(c.feature_dim)
         self.attention = AdditiveAttention(c.feature_dim, c.hidden_dim, c.attention_dim)
+        # Concepts (id 0: none) become regions: an embedding, scaled by the concept's probability.
+        self.concept_embed = nn.Embedding(c.num_concepts + 1, c.feature_dim, padding_idx=0) \
+            if c.concept_tokens else None
 
-    def image_context(self, features: torch.Tensor, styles: torch.Tensor | None):
-        """Normalised features, their attention projection and the style vector (None without styles;
-        styles None means the first style, factual)."""
+    def image_context(self, features: torch.Tensor, styles: torch.Tensor | None, concepts: Concepts | None = None):
+        """Normalised features (with the concept regions after the grid), their attention projection,
+        the pooled grid and the style vector (None without styles; styles None means the first style,
+        factual). A grid of no regions (B, 0, F) is a caption without a photo: concepts alone."""
         features = self.feature_norm(features.float())
+        pooled = features.mean(1) if features.size(1) else features.new_zeros(features.size(0), features.size(2))
+        if self.concept_embed is not None:
+            ids, probs = concepts if concepts is not None else (
+                features.new_zeros(features.size(0), 1, dtype=torch.long), features.new_zeros(features.size(0), 1))
+            features = torch.cat([features, probs.float().unsqueeze(2) * self.concept_embed(ids)], 1)
         style = None
         if self.style_embed is not None:
             if styles is None:
                 styles = torch.zeros(features.size(0), dtype=torch.long, device=features.device)
             style = self.style_embed(styles)
-        return features, self.attention.project_features(features), style
+        return features, self.attention.project_features(features), pooled, style
 
-    def forward(self, features: torch.Tensor, captions: torch.Tensor, styles: torch.Tensor | None = None):
+    def forward(self, features: torch.Tensor, captions: torch.Tensor, styles: torch.Tensor | None = None,
+                concepts: Concepts | None = None):
         """Teacher forcing. captions (B, T) start with <start>; returns logits (B, T-1, V) for
         captions[:, 1:] and attention (B, T-1, R)."""
-        features, projected, style, state = self.start(features, styles)
+        features, projected, style, state = self.start(features, styles, concepts)
         logits, alphas = [], []
         for t in range(captions.size(1) - 1):
             step_logits, state, alpha = self.step(captions[:, t], state, features, projected, style)
@@ -99,11 +110,11 @@ class AttentionLSTMDecoder(CaptionDecoder):
 
     # --- pieces shared by training (forward) and decoding (decoding.py) ---
 
-    def start(self, features: torch.Tensor, styles: torch.Tensor | None = None):
+    def start(self, features: torch.Tensor, styles: torch.Tensor | None = None, concepts: Concepts | None = None):
         """Prepare a batch of image grids: normalised features, their attention projection,
         the style vector and the initial LSTM state."""
-        features, projected, style = self.image_context(features, styles)
-        pooled = features.mean(1) if style is None else torch.cat([features.mean(1), style], 1)
+        features, projected, pooled, style = self.image_context(features, styles, concepts)
+        pooled = pooled if style is None else torch.cat([pooled, style], 1)
         state = (torch.tanh(self.init_h(pooled)), torch.tanh(self.init_c(pooled)))
         return features, projected, style, state
 
@@ -145,8 +156,8 @@ class UpDownDecoder(CaptionDecoder):
         self.out_style = nn.Linear(style_dim, c.vocab_size, bias=False) if style_dim else None
         self.out_words = nn.Linear(c.hidden_dim, c.vocab_size)
 
-    def start(self, features: torch.Tensor, styles: torch.Tensor | None = None):
-        features, projected, style = self.image_context(features, styles)
+    def start(self, features: torch.Tensor, styles: torch.Tensor | None = None, concepts: Concepts | None = None):
+        features, projected, _, style = self.image_context(features, styles, concepts)
         state = tuple(features.new_zeros(features.size(0), self.config.hidden_dim) for _ in self.state_names)
         return features, projected, style, state
 

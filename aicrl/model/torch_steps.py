@@ -23,12 +23,15 @@ class TorchSteps:
         return torch.autocast(device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
     @torch.inference_mode()
-    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1):
+    def start(self, features: np.ndarray, styles: np.ndarray | None, repeat: int = 1, concepts=None):
         device = next(self.decoder.parameters()).device
         feats = torch.as_tensor(features, device=device)
         ids = None if styles is None else torch.as_tensor(styles, dtype=torch.long, device=device)
+        if concepts is not None:
+            concepts = (torch.as_tensor(concepts[0], dtype=torch.long, device=device),
+                        torch.as_tensor(concepts[1], dtype=torch.float32, device=device))
         with self._autocast():
-            feats, projected, style, recurrent = self.decoder.start(feats, ids)
+            feats, projected, style, recurrent = self.decoder.start(feats, ids, concepts)
         if repeat > 1:
             feats, projected, style, recurrent = _rows(
                 (feats, projected, style, recurrent), lambda x: x.repeat_interleave(repeat, 0))

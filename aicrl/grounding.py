@@ -1,0 +1,262 @@
+"""The grounding stage: teach a trained captioner to say what the encoder sees.
+
+A decoder trained on Flickr8k alone knows Flickr8k's world (people and dogs) and writes it into
+every photo. This stage starts from such a model (`init_from`) and
+  1. widens its vocabulary with the words of caption text from outside Flickr8k (COCO captions,
+     text only) and of the concept table (new words start from the mean of the known ones);
+  2. fits the person probe (model/concepts.py PersonHead): ImageNet has no person class;
+  3. gives the decoder concept regions (config.concept_tokens): the photo's most likely concepts
+     (ImageNet head -> caption words, concepts.json; and the person probe) join the grid;
+  4. trains it by cross-entropy on three kinds of batches, shuffled together:
+     - Flickr8k captions (factual and styled) with their grid and their concepts,
+     - the same without the grid (`grid_dropout`): concepts alone must carry the content,
+     - caption text with the concepts it names and no grid (Feng et al. 2019): how people write
+       about zebras and broccoli, learnt from the concepts a tagger would give;
+  5. keeps the epoch with the best Flickr8k dev CIDEr, checkpointing every epoch (resumable).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
+from .data.features import FeatureCache
+from .data.vocab import Vocabulary, tokenize
+from .evaluation import caption_images, diversity, quick_scores
+from .model.captioner import Captioner
+from .model.concepts import (PERSON_WORDS, ConceptTable, PersonHead, SentenceConcepts, concept_names,
+                             imagenet_probabilities, top_concepts)
+from .model.decoder import build_decoder, caption_loss
+from .training import pad
+
+log = logging.getLogger(__name__)
+
+
+def _option(default, text: str):
+    """A setting with its --help text (`aicrl ground` makes one flag per field)."""
+    return field(default=default, metadata={"help": text})
+
+
+REQUIRED = object()  # a setting without a default: a required flag
+
+
+@dataclass
+class GroundingConfig:
+    init_from: str = _option(REQUIRED, "the trained model folder to start from (its grids must be in --features)")
+    data_dir: str = _option(REQUIRED, "Flickr8k folder (e.g. ../shared/data/flickr8k)")
+    features: str = _option(REQUIRED, "feature cache of the Flickr8k photos made by --init-from's own encoder")
+    concepts: str = _option(REQUIRED, "concepts.json: ImageNet classes as caption words (python -m "
+                                      "aicrl.model.build_concepts)")
+    out: str = _option(REQUIRED, "output folder: checkpoint.pt, log.jsonl and the best epoch as OUT/best")
+    style_file: str = _option("", "FlickrStyle jsonl, so the model keeps its styles")
+    text_file: str = _option("", "caption text without photos, one {\"caption\": ...} per line (COCO captions)")
+    concept_tokens: int = _option(6, "concept regions per photo (one of them is the person probe)")
+    min_freq: int = _option(5, "a word of the text joins the vocabulary when seen this often")
+    grid_dropout: float = _option(0.25, "share of photo batches shown without their grid (concepts alone)")
+    epochs: int = _option(3, "epochs of cross-entropy training")
+    lr: float = _option(2e-4, "Adam learning rate")
+    batch_size: int = _option(32, "captions per batch")
+    max_words: int = _option(25, "training captions are cut to this many words")
+    dev_images: int = _option(0, "score only the first N dev images after each epoch (0: all)")
+    eval_beam: int = _option(3, "beam width of the dev evaluation")
+    max_batches: int = _option(0, "stop each epoch after this many batches (0: all): smoke runs and tests")
+    seed: int = _option(0, "random seed")
+
+
+def fit_person_head(pooled: np.ndarray, captions: list[list[str]]) -> tuple[PersonHead, float]:
+    """Logistic regression on pooled grids (N, F): a person is in the photo when most of its
+    captions name one. Returns the head and its training accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.array([sum(any(w in PERSON_WORDS for w in tokenize(c)) for c in caps) * 2 > len(caps)
+                       for caps in captions])
+    probe = LogisticRegression(C=0.5, max_iter=2000).fit(pooled, labels)
+    return PersonHead(probe.coef_[0], float(probe.intercept_[0])), float(probe.score(pooled, labels))
+
+
+def widen(model: Captioner, words: list[str], table: ConceptTable, k: int) -> Captioner:
+    """The same model with `words` appended to its vocabulary and `k` concept regions; every weight
+    with a vocabulary axis gets new rows, the mean of the old ones (a new word starts as an average
+    word), and the decoder gains its concept embeddings."""
+    new_words = [w for w in dict.fromkeys(words) if w not in model.vocab.stoi]
+    vocab = Vocabulary([*model.vocab.itos, *new_words])
+    old_v = len(model.vocab)
+    cfg = type(model.config)(**asdict(model.config))
+    cfg.vocab_size, cfg.concept_tokens, cfg.num_concepts = len(vocab), k, len(concept_names(table))
+    decoder = build_decoder(cfg)
+    state = decoder.state_dict()
+    for name, old in model.decoder.state_dict().items():
+        if old.shape == state[name].shape:
+            state[name] = old
+            continue
+        axis = [i for i, (a, b) in enumerate(zip(old.shape, state[name].shape)) if a != b][0]
+        assert old.shape[axis] == old_v, name
+        mean = old.float().mean(axis, keepdim=True)
+        state[name] = torch.cat([old, mean.expand_as(state[name].narrow(axis, 0, len(new_words)))], axis)
+    decoder.load_state_dict(state)
+    widened = Captioner(cfg, vocab, decoder, model._encoder)
+    widened.encoder_finetuned, widened.phrases = model.encoder_finetuned, model.phrases
+    widened.concept_table = table
+    return widened
+
+
+class Batches:
+    """The stage's training batches: (kind, rows) with kind "photo", "concepts only" or "text"."""
+
+    def __init__(self, cfg: GroundingConfig, vocab: Vocabulary, photo_rows: list, text_rows: list):
+        self.cfg, self.vocab, self.photo_rows, self.text_rows = cfg, vocab, photo_rows, text_rows
+
+    def epoch(self, epoch: int) -> list[tuple[str, list]]:
+        rng = np.random.default_rng(self.cfg.seed * 1000 + epoch)
+        out = []
+        for kind, rows in (("photo", self.photo_rows), ("text", self.text_rows)):
+            order = rng.permutation(len(rows))
+            for i in range(0, len(order), self.cfg.batch_size):
+                batch = [rows[j] for j in order[i:i + self.cfg.batch_size]]
+                if kind == "photo" and rng.random() < self.cfg.grid_dropout:
+                    out.append(("concepts only", batch))
+                else:
+                    out.append((kind, batch))
+        return [out[i] for i in rng.permutation(len(out))]
+
+
+def text_concepts(found: list[list[int]], person: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The concept input for captions without photos, shaped like `top_concepts` gives for photos:
+    the person slot first, then the named concepts, each with a tagger-like confidence; a few are
+    dropped, as a tagger misses things."""
+    ids, probs = np.zeros((len(found), k), np.int64), np.zeros((len(found), k), np.float32)
+    for r, concepts in enumerate(found):
+        ids[r, 0] = person
+        probs[r, 0] = rng.uniform(0.6, 1.0) if person in concepts else rng.uniform(0.0, 0.25)
+        named = [c for c in concepts if c != person and rng.random() > 0.15][:k - 1]
+        ids[r, 1:1 + len(named)] = named
+        probs[r, 1:1 + len(named)] = np.sort(rng.uniform(0.3, 1.0, len(named)))[::-1]
+    return ids, probs
+
+
+def ground(cfg: GroundingConfig) -> dict:
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    base = Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu")
+    table = ConceptTable.read(cfg.concepts)
+    data = load_dataset("flickr8k", cfg.data_dir)
+    styled = read_style_jsonl(cfg.style_file, data.image_dir) if cfg.style_file else None
+    text = [json.loads(line)["caption"] for line in Path(cfg.text_file).read_text().splitlines() if line.strip()] \
+        if cfg.text_file else []
+
+    # 1-3: vocabulary, person probe, concept regions
+    counts = Counter(w for c in text for w in tokenize(c))
+    names = concept_names(table)
+    new_words = sorted((w for w, n in counts.items() if n >= cfg.min_freq), key=lambda w: (-counts[w], w))
+    new_words += [w for name in names for w in name.split()]
+    model = widen(base, new_words, table, cfg.concept_tokens)
+    cache = FeatureCache(cfg.features)
+    train_images, dev_images = data.images("train"), data.images("dev")[: cfg.dev_images or None]
+    grids = {n: g for n, g in zip(train_images + dev_images,
+                                  cache.get(train_images + dev_images).numpy())}  # float16, in memory
+    refs = data.references("train")
+    pooled = np.stack([grids[n].astype(np.float32).mean(0) for n in train_images])
+    model.person_head, accuracy = fit_person_head(pooled, [refs[n] for n in train_images])
+    log.info("person probe: %.3f training accuracy", accuracy)
+    head = model.classifier()
+
+    def photo_concepts(images: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        feats = np.stack([grids[n] for n in images]).astype(np.float32)
+        words = table.word_probabilities(imagenet_probabilities(head, feats))
+        return top_concepts(words, model.person_head(feats), cfg.concept_tokens)
+
+    concepts_of = {}
+    for i in range(0, len(train_images), 500):
+        chunk = train_images[i:i + 500]
+        ids, probs = photo_concepts(chunk)
+        concepts_of.update({n: (ids[j], probs[j]) for j, n in enumerate(chunk)})
+
+    # 4: the batches
+    style_id = {s: i for i, s in enumerate(model.styles)}
+    photo_rows = [(r.image, FACTUAL, r.caption) for r in data.select("train")]
+    if styled is not None:
+        photo_rows += [(r.image, r.style, r.caption) for r in styled.select("train") if r.style in style_id]
+    sentence = SentenceConcepts(table)
+    text_rows = [(sentence(tokenize(c)), c) for c in text]
+    batches = Batches(cfg, model.vocab, photo_rows, text_rows)
+    decoder = model.decoder.train()
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    F_dim = model.config.feature_dim
+
+    def batch_loss(kind: str, rows: list) -> torch.Tensor:
+        if kind == "text":
+            concepts = text_concepts([r[0] for r in rows], len(names), cfg.concept_tokens, rng)
+            feats = torch.zeros(len(rows), 0, F_dim)
+            styles = torch.zeros(len(rows), dtype=torch.long)
+            captions = [r[1] for r in rows]
+        else:
+            images = [r[0] for r in rows]
+            ids, probs = map(np.stack, zip(*(concepts_of[n] for n in images)))
+            concepts = (ids, probs)
+            feats = torch.from_numpy(np.stack([grids[n] for n in images])).float() if kind == "photo" \
+                else torch.zeros(len(rows), 0, F_dim)
+            styles = torch.tensor([style_id[r[1]] for r in rows])
+            captions = [r[2] for r in rows]
+        tokens = pad([model.vocab.encode(c, cfg.max_words) for c in captions], model.vocab.pad)
+        concepts = (torch.from_numpy(concepts[0]), torch.from_numpy(concepts[1]))
+        logits, alphas = decoder(feats, tokens, styles if decoder.style_embed is not None else None, concepts)
+        return caption_loss(logits, alphas, tokens[:, 1:], model.vocab.pad, attention_penalty=0.0)
+
+    # 5: epochs, resumable
+    checkpoint, history, start_epoch, best = out / "checkpoint.pt", [], 1, -1.0
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=True)
+        decoder.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history, start_epoch = json.loads(saved["history"]), saved["epoch"] + 1
+        best = max((h["CIDEr"] for h in history), default=-1.0)
+        rng = np.random.default_rng(cfg.seed + saved["epoch"])
+    dev_refs = data.references("dev")
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        started, losses = time.time(), []
+        decoder.train()
+        for kind, rows in tqdm(batches.epoch(epoch)[: cfg.max_batches or None], desc=f"grounding epoch {epoch}",
+                               mininterval=30):
+            loss = batch_loss(kind, rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
+            optimizer.step()
+            losses.append(float(loss))
+        decoder.eval()
+        preds = caption_images(model, dev_images, lambda chunk: np.stack([grids[n] for n in chunk]).astype(np.float32),
+                               cfg.eval_beam, batch_size=100, progress=False)
+        scores = quick_scores(preds, dev_refs)
+        varied = diversity(preds)
+        row = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4), **scores,
+               "words": varied["distinct_words"], "captions": varied["distinct_captions"],
+               "seconds": round(time.time() - started)}
+        history.append(row)
+        log.info("%s", row)
+        print(json.dumps(row), flush=True)
+        if scores["CIDEr"] > best:
+            best = scores["CIDEr"]
+            save_grounded(model, out / "best")
+        torch.save({"model": decoder.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "history": json.dumps(history)}, checkpoint.with_suffix(".tmp"))
+        checkpoint.with_suffix(".tmp").replace(checkpoint)
+        (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    return {"history": history, "best_CIDEr": best}
+
+
+def save_grounded(model: Captioner, path: Path) -> None:
+    """A model folder with the grounding pieces beside the weights (concepts.json, person_head.npz)."""
+    model.save_pretrained(path)
+    model.concept_table.save(path)
+    model.person_head.save(path)
