@@ -15,17 +15,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import aicrl
 
 from .conftest import SAMPLES
 
 PACKAGE = "aicrl"
 REPO = Path(__file__).resolve().parent.parent
-# Edges allowed for now, each with the reason and the change that removes it.
-KNOWN_EDGES = {
-    ("aicrl.decoding", "aicrl.model.torch_steps"):
-        "issue 19 item 3: decoding.py imports nothing from model/; removed by the decoding.py rewrite",
-}
 
 
 def package_modules() -> dict[str, Path]:
@@ -131,14 +128,6 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def _graph_without_known_edges() -> dict[str, set[str]]:
-    graph = import_graph(package_modules())
-    for (a, b), why in KNOWN_EDGES.items():
-        assert b in graph.get(a, set()), f"{a} no longer imports {b}: delete its KNOWN_EDGES entry ({why})"
-        graph[a].discard(b)
-    return graph
-
-
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     seen, todo = set(), [start]
     while todo:
@@ -167,12 +156,20 @@ def test_circles_are_found():
 
 
 def test_no_import_circles():
-    found = circles(_graph_without_known_edges())
+    found = circles(import_graph(package_modules()))
     assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
+@pytest.mark.xfail(strict=True, reason="issue 19 item 3: decoding.py still imports model.torch_steps (for tests); "
+                   "the decoding.py rewrite removes it: then delete this marker")
+def test_decoding_imports_nothing_from_model():
+    graph = import_graph(package_modules())
+    decoding = {m for m in graph if m == "aicrl.decoding" or m.startswith("aicrl.decoding.")}
+    assert not {t for m in decoding for t in graph[m] if t.startswith("aicrl.model")}
+
+
 def test_serving_imports_neither_the_command_line_nor_training():
-    graph = _graph_without_known_edges()
+    graph = import_graph(package_modules())
     for entry in ("aicrl.serving.app", "aicrl.serving.card"):
         assert not reachable(graph, entry) & {"aicrl.cli", "aicrl.training"}, entry
 
