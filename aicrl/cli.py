@@ -365,6 +365,7 @@ def cmd_evaluate(args) -> int:
     from .hallucination import grounding, recording_probabilities, synonyms_path
     from .model.captioner import Captioner, default_model_dir
     from .model.concepts import ConceptTable
+    from .model.folder import ModelFolder, metrics_key
 
     captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
     if args.length_penalty is not None:
@@ -408,12 +409,13 @@ def cmd_evaluate(args) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.save_to_model:
-        key = f"{settings['split'].replace(' ', '_')}_{args.style or FACTUAL}".lower()
-        if args.beam_size != 3:  # other decodings get their own entry beside the default's
-            key += "_greedy" if args.beam_size == 1 else f"_beam{args.beam_size}"
-        metrics_file = Path(args.model or default_model_dir()) / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        metrics_file.write_text(json.dumps(metrics | {key: result}, indent=2) + "\n")
+        folder = ModelFolder(args.model or default_model_dir())
+        try:
+            folder.merge_metrics({metrics_key(settings["split"], args.style or FACTUAL, args.beam_size): result})
+        except ValueError as e:  # a damaged metrics.json: keep it, say so, still print the results
+            print(f"aicrl evaluate: --save-to-model: {e}", file=sys.stderr)
+            print(text)
+            return 1
     print(text)
     return 0
 
@@ -477,7 +479,8 @@ def cmd_fit_phrases(args) -> int:
     from .data.datasets import load_dataset, read_style_jsonl
     from .evaluation import features_source
     from .model.captioner import Captioner, default_model_dir
-    from .phrases import FILE, fit_phrases
+    from .model.folder import ModelFolder
+    from .phrases import fit_phrases
 
     captioner = Captioner.from_pretrained(args.model, backend=args.backend, device=args.device)
     styles = args.styles.split(",") if args.styles else captioner.styles[1:]
@@ -494,9 +497,9 @@ def cmd_fit_phrases(args) -> int:
     phrases = fit_phrases(captioner, names[:args.images], features_source(captioner, data.image_dir, args.features),
                           styles, human, args.rounds, args.target, args.strength,
                           log=lambda line: print(line, file=sys.stderr))
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    phrases.save(model_dir)
-    print(json.dumps({"file": str(model_dir / FILE), "target": phrases.target, "strength": phrases.strength,
+    folder = ModelFolder(args.model or default_model_dir())
+    phrases.save(folder.path)
+    print(json.dumps({"file": str(folder.phrases), "target": phrases.target, "strength": phrases.strength,
                       "phrases": {s: len(t) for s, t in phrases.styles.items()}}))
     return 0
 

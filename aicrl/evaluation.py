@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .data.datasets import CaptionData
-from .data.vocab import content_words, tokenize
+from .data.vocab import content_words, tokenize, trigram_shares
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,6 @@ def content_overlap(predictions: dict[str, str], factual_refs: dict[str, list[st
 def diversity(predictions: dict[str, str]) -> dict:
     """How varied the captions are: distinct words and captions, mean length, and the word trigram
     found in the most captions (a model that glues one stock phrase to every photo shows up here)."""
-    from .phrases import trigram_shares
-
     captions = [tokenize(c) for c in predictions.values()]
     shares = trigram_shares(predictions.values())
     top, share = max(shares.items(), key=lambda kv: (kv[1], kv[0]), default=("", 0.0))

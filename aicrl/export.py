@@ -7,7 +7,7 @@ The three graphs come from the torch modules as they are: the encoder with its f
 after `decoder.state_names`. Weights are stored
 as fp16 (the decoder's are fp16 in model.safetensors already, so that is lossless) and cast to fp32
 once when ONNX Runtime loads them. With `int8`, int8 copies of the encoder and the decoder step are
-written beside them (`runtime.INT8_FILES`): the step's matrix products quantized dynamically (int8
+written beside them (`ModelFolder.INT8_GRAPHS`): the step's matrix products quantized dynamically (int8
 weights, activations quantized per call), the encoder statically (int8 weights per channel,
 activation ranges measured on `calibration` photos). Every fp32 graph is checked against torch
 on the same inputs before the manifest is written; the manifest records the SHA-256 of
@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .model.tags import CLASSIFIER_FILE, save_head
-from .runtime import INT8_FILES, MANIFEST, ONNX_FILES, STATE_OUT, WEIGHTS, OnnxModel, file_sha256
+from .model.folder import ModelFolder
+from .model.tags import save_head
+from .runtime import STATE_OUT, OnnxModel, file_sha256
+
+ONNX_FILES, INT8_FILES, MANIFEST = ModelFolder.ONNX_GRAPHS, ModelFolder.INT8_GRAPHS, ModelFolder.ONNX_MANIFEST
 
 
 OPSET = 17
@@ -202,7 +205,7 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         files = [*ONNX_FILES.values(), *(INT8_FILES.values() if int8 else [])]
         for name in files:
             _store_fp16(tmp / name)
-        weights = model_dir / WEIGHTS
+        weights = ModelFolder(model_dir).weights
         manifest = {
             "format": 1,
             "weights_sha256": file_sha256(weights),
@@ -236,7 +239,7 @@ def export_onnx(model_dir: str | Path | None = None, int8: bool = False, command
         manifest["checks"] = {k: round(v, 6) for k, v in checks.items()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         (model_dir / MANIFEST).unlink(missing_ok=True)  # no valid export while files are replaced
-        tags = [CLASSIFIER_FILE] if save_head(encoder, tmp) else []  # the ImageNet head, for tags
+        tags = [ModelFolder.CLASSIFIER] if save_head(encoder, tmp) else []  # the ImageNet head, for tags
         for name in INT8_FILES.values():  # an earlier export's int8 graphs are stale now
             (model_dir / name).unlink(missing_ok=True)
         for name in [*files, *tags, MANIFEST]:  # the manifest last: it makes the export valid

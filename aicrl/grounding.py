@@ -247,16 +247,9 @@ def ground(cfg: GroundingConfig) -> dict:
         print(json.dumps(row), flush=True)
         if scores["CIDEr"] > best:
             best = scores["CIDEr"]
-            save_grounded(model, out / "best")
+            model.save_pretrained(out / "best", metrics={"dev": row, "epoch": epoch})
         torch.save({"model": decoder.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                     "history": json.dumps(history)}, checkpoint.with_suffix(".tmp"))
         checkpoint.with_suffix(".tmp").replace(checkpoint)
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     return {"history": history, "best_CIDEr": best}
-
-
-def save_grounded(model: Captioner, path: Path) -> None:
-    """A model folder with the grounding pieces beside the weights (concepts.json, person_head.npz)."""
-    model.save_pretrained(path)
-    model.concept_table.save(path)
-    model.person_head.save(path)

@@ -17,29 +17,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
-from .data.vocab import tokenize
-
-FILE = "phrases.json"
-ORDERS = (2, 3)  # bigrams and trigrams
-
-
-def ngram_shares(captions: Iterable[str], orders: Sequence[int] = ORDERS) -> dict[str, float]:
-    """For every word n-gram (n in `orders`), the share of the captions that contain it."""
-    captions = [tokenize(c) for c in captions]
-    counts = Counter(" ".join(g) for c in captions for n in orders for g in {tuple(c[i:i + n])
-                                                                             for i in range(len(c) - n + 1)})
-    return {g: k / max(len(captions), 1) for g, k in counts.items()}
-
-
-def trigram_shares(captions: Iterable[str]) -> dict[str, float]:
-    return ngram_shares(captions, (3,))
+from .data.vocab import ngram_shares, trigram_shares
+from .model.folder import ModelFolder
 
 
 class PhrasePenalty:
@@ -106,11 +91,11 @@ class OverusedPhrases:
     def save(self, model_dir: str | Path) -> None:
         data = {"target": self.target, "strength": self.strength,
                 "styles": {s: dict(sorted(t.items(), key=lambda kv: -kv[1][0])) for s, t in self.styles.items()}}
-        (Path(model_dir) / FILE).write_text(json.dumps(data, indent=1) + "\n")
+        ModelFolder(model_dir).phrases.write_text(json.dumps(data, indent=1) + "\n")
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "OverusedPhrases | None":
-        path = Path(model_dir) / FILE
+        path = ModelFolder(model_dir).phrases
         if not path.is_file():
             return None
         data = json.loads(path.read_text())

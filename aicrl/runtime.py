@@ -24,10 +24,8 @@ from typing import Any
 
 import numpy as np
 
-ONNX_FILES = {"encoder": "encoder.onnx", "start": "decoder_start.onnx", "step": "decoder_step.onnx"}
-INT8_FILES = {"encoder": "encoder.int8.onnx", "step": "decoder_step.int8.onnx"}  # the start stays fp32
-MANIFEST = "onnx.json"
-WEIGHTS = "model.safetensors"
+from .model.folder import ModelFolder
+
 STATE_OUT = "_out"  # the step graph's output "h_out" is its input "h" at the next step
 
 
@@ -47,22 +45,11 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def has_export(model_dir: str | Path) -> bool:
-    """True when the folder has ONNX files (whether they are usable is for `check_export`)."""
-    model_dir = Path(model_dir)
-    return (model_dir / MANIFEST).exists() or any((model_dir / f).exists() for f in ONNX_FILES.values())
-
-
-def onnx_files(int8: bool = False) -> dict[str, str]:
-    """The graph files a backend runs: fp32, or int8 where there is an int8 graph."""
-    return ONNX_FILES | INT8_FILES if int8 else dict(ONNX_FILES)
-
-
 def check_export(model_dir: str | Path, encoder: str | None = None, int8: bool = False) -> dict:
     """The manifest of a complete export (with its int8 graphs if `int8`) that matches the folder's
     weights; OnnxModelError naming the file otherwise."""
-    model_dir = Path(model_dir)
-    manifest_file = model_dir / MANIFEST
+    folder = ModelFolder(model_dir)
+    model_dir, manifest_file = folder.path, folder.onnx_manifest
     try:
         manifest = json.loads(manifest_file.read_text())
     except FileNotFoundError:
@@ -72,11 +59,11 @@ def check_export(model_dir: str | Path, encoder: str | None = None, int8: bool =
     if int8 and not manifest.get("int8"):
         raise OnnxModelError(f"{manifest_file}: the export has no int8 graphs; run `aicrl export --model "
                              f"{model_dir} --int8 --calibration PHOTOS`")
-    for name in onnx_files(int8).values():
-        if not (model_dir / name).is_file():
-            raise OnnxModelError(f"{model_dir / name}: missing; run `aicrl export --model {model_dir}"
+    for graph in folder.onnx_graphs(int8).values():
+        if not graph.is_file():
+            raise OnnxModelError(f"{graph}: missing; run `aicrl export --model {model_dir}"
                                  + (" --int8 --calibration PHOTOS`" if int8 else "`"))
-    weights = model_dir / WEIGHTS
+    weights = folder.weights
     if weights.is_file() and manifest.get("weights_sha256") != file_sha256(weights):
         raise OnnxModelError(f"{manifest_file}: stale, exported from other weights than {weights}; "
                              f"run `aicrl export --model {model_dir}`")
@@ -156,7 +143,8 @@ class OnnxModel:
                  int8: bool = False):
         self.model_dir, self.int8 = Path(model_dir), int8
         self.manifest = check_export(self.model_dir, encoder, int8)
-        self.sessions = {k: _session(self.model_dir / f, threads) for k, f in onnx_files(int8).items()}
+        graphs = ModelFolder(self.model_dir).onnx_graphs(int8)
+        self.sessions = {part: _session(path, threads) for part, path in graphs.items()}
         self.steps = OnnxSteps(self.sessions["start"], self.sessions["step"])
 
     def encode(self, batch: np.ndarray) -> np.ndarray:

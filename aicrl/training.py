@@ -48,6 +48,7 @@ from .evaluation import caption_images, diversity, quick_scores
 from .model.captioner import Captioner
 from .model.decoder import build_decoder, caption_loss
 from .model.encoders import ENCODERS
+from .model.folder import ModelFolder
 from .rewards import CiderD
 from .self_critical import sample, self_critical_loss
 
@@ -493,7 +494,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     elif resume and main_process:
         log.info("no checkpoint in %s: starting from scratch", out)
     if main_process:
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        ModelFolder(out).write_train_config(asdict(cfg))  # the run folder keeps them under the same name
     history = progress["history"]
 
     t_start = time.perf_counter()
@@ -541,7 +542,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
             if improved:
                 captioner.save_pretrained(out / "best", metrics={"dev": dev, "epoch": epoch},
                                           command=command_line())
-                (out / "best" / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+                ModelFolder(out / "best").write_train_config(asdict(cfg))
             save_checkpoint(ckpt_path, decoder, encoder, optimizer, scheduler, scaler, progress, cfg, run.vocab,
                             device)
             _write_log(history, out)

@@ -8,12 +8,14 @@ tests/test_readme.py fails when the README's tables differ from what this script
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
+from aicrl.model.folder import ModelFolder
+
 ROOT = Path(__file__).resolve().parent.parent
-METRICS = ROOT / "aicrl" / "pretrained" / "metrics.json"
+SHIPPED = ModelFolder(ROOT / "aicrl" / "pretrained")  # this checkout's model, not an installed copy's
+METRICS = SHIPPED.metrics
 README = ROOT / "README.md"
 COCO = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -100,7 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite the tables in README.md")
     args = parser.parse_args()
-    metrics = json.loads(METRICS.read_text())
+    metrics = SHIPPED.read_metrics()
     if args.write:
         README.write_text(render(README.read_text(), metrics))
     else:

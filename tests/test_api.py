@@ -119,21 +119,21 @@ def test_info_is_the_model_card(client):
 
 
 def test_model_card_reads_the_training_data_from_the_model_folder(web_captioner, tmp_path):
-    """A COCO model is described as one: the dataset comes from COMMAND.txt when metrics.json
-    does not name it, the style data from its --style-file."""
+    """A COCO model is described as one: the dataset comes from train_config.json when metrics.json
+    does not name it, the style data from its style_file; COMMAND.txt is shown, never parsed."""
     import shutil
 
+    from aicrl.model.folder import ModelFolder
     from aicrl.serving.card import model_card
 
-    folder = tmp_path / "coco-model"
-    folder.mkdir()
-    (folder / "COMMAND.txt").write_text(
-        "# how\naicrl extract-features --dataset coco --data-dir d --out c\n"
-        "aicrl train --dataset coco --data-dir ../data/coco --features c --style-file s/mystyles.jsonl --epochs 3\n")
-    (folder / "metrics.json").write_text(json.dumps({"test_factual": {
+    folder = ModelFolder(tmp_path / "coco-model")
+    folder.path.mkdir()
+    folder.write_command("# how\naicrl train --dataset flickr8k --data-dir d --features c\n")
+    folder.write_train_config({"dataset": "coco", "data_dir": "../data/coco", "style_file": "s/mystyles.jsonl"})
+    folder.write_metrics({"test_factual": {
         "split": "test", "images": 5000, "coco_caption": {"BLEU-4": 0.25, "CIDEr": 0.81, "METEOR": 0.22}},
-        "x_dev_humorous": {"style": "humorous", "style_accuracy": 0.9, "CIDEr": 0.2}}))
-    card = model_card(web_captioner, folder)
+        "x_dev_humorous": {"style": "humorous", "style_accuracy": 0.9, "CIDEr": 0.2}})
+    card = model_card(web_captioner, folder.path)
     assert card["training_data"]["dataset"] == "coco" and "COCO" in card["training_data"]["description"]
     assert card["training_data"]["style_data"] == "mystyles"
     summary = " ".join(card["summary"])
@@ -141,12 +141,15 @@ def test_model_card_reads_the_training_data_from_the_model_folder(web_captioner,
     assert "on 5,000 test images: BLEU-4 0.250, METEOR 0.220, CIDEr 0.810" in summary
     assert "humorous 90%" in summary
     assert "COCO" in card["limitations"][0] and "mystyles" in card["limitations"][1]
-    bare = tmp_path / "bare"
-    shutil.copytree(folder, bare)
-    (bare / "COMMAND.txt").unlink()
-    (bare / "metrics.json").unlink()
-    card = model_card(web_captioner, bare)
+    assert card["command"].startswith("# how")
+    bare = ModelFolder(shutil.copytree(folder.path, tmp_path / "bare"))
+    for path in (bare.command, bare.metrics, bare.train_config):
+        path.unlink()
+    card = model_card(web_captioner, bare.path)
     assert card["scores"] == {} and "no evaluation scores" in " ".join(card["summary"])
+    assert card["training_data"]["dataset"] is None and card["command"] is None
+    bare.metrics.write_text("{not json")  # a damaged file: the card says what it can
+    assert model_card(web_captioner, bare.path)["metrics"] == {}
 
 
 def test_warmup_measures_latency_without_storing(web_model_dir, web_captioner, tmp_path):

@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 from aicrl.model.captioner import Captioner, default_model_dir
-from aicrl.runtime import MANIFEST, ONNX_FILES, OnnxModelError, check_export
+from aicrl.model.folder import ModelFolder
+from aicrl.runtime import OnnxModelError, check_export
 
 from .conftest import SAMPLES
+
+MANIFEST, ONNX_FILES, INT8_FILES = ModelFolder.ONNX_MANIFEST, ModelFolder.ONNX_GRAPHS, ModelFolder.INT8_GRAPHS
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCK_TORCH = "import sys; sys.modules.update(dict.fromkeys(['torch', 'torchvision'])); "
@@ -168,7 +171,6 @@ def test_int8_export_adds_int8_graphs_that_caption(web_model_dir, tmp_path):
     import onnx
 
     from aicrl.export import export_onnx
-    from aicrl.runtime import INT8_FILES
 
     folder = Path(shutil.copytree(web_model_dir, tmp_path / "int8"))
     with pytest.raises(ValueError, match="--calibration"):

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from aicrl.config import CaptionerConfig
-from aicrl.data.vocab import Vocabulary
+from aicrl.data.vocab import Vocabulary, ngram_shares, trigram_shares
 from aicrl.decoding import GenerationOptions, beam_search, greedy, sample
 from aicrl.evaluation import grammar_error_rate, grammar_errors
 from aicrl.model.captioner import Captioner
 from aicrl.model.decoder import AttentionLSTMDecoder
-from aicrl.phrases import FILE, OverusedPhrases, PhrasePenalty, fit_phrases, ngram_shares, trigram_shares
+from aicrl.model.folder import ModelFolder
+from aicrl.phrases import OverusedPhrases, PhrasePenalty, fit_phrases
 
 from .conftest import SAMPLES
 
@@ -118,7 +119,7 @@ def test_phrases_round_trip_and_a_retrained_model_drops_them(web_model_dir, tmp_
     loaded = Captioner.from_pretrained(tmp_path, backend="torch")
     assert loaded.phrases == phrases
     loaded.save_pretrained(tmp_path)  # new weights: their stock phrases are not known yet
-    assert not (tmp_path / FILE).exists()
+    assert not ModelFolder(tmp_path).phrases.exists()
 
 
 def test_fit_phrases_learns_a_styles_stock_phrases(web_captioner, tmp_path):
@@ -130,7 +131,7 @@ def test_fit_phrases_learns_a_styles_stock_phrases(web_captioner, tmp_path):
     assert len(lines) == 2 and "round 2, romantic" in lines[1]
     assert phrases.styles["romantic"] and all(v[0] > 0.2 for v in phrases.styles["romantic"].values())
     phrases.save(tmp_path)
-    data = json.loads((tmp_path / FILE).read_text())
+    data = json.loads(ModelFolder(tmp_path).phrases.read_text())
     assert data["target"] == 0.2 and "romantic" in data["styles"]
 
 
@@ -184,7 +185,7 @@ def test_fit_phrases_and_variants_from_the_command_line(web_model_dir, tiny_flic
                  str(tiny_cache), "--style-file", str(tiny_flickr / "styles.jsonl"), "--images", "6",
                  "--rounds", "2", "--target", "0.3"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["phrases"]["romantic"] >= 1 and (model / FILE).is_file()
+    assert summary["phrases"]["romantic"] >= 1 and ModelFolder(model).phrases.is_file()
     assert main(["caption", str(SAMPLES / "chelsea.jpg"), "--model", str(model), "--style", "romantic",
                  "--variants", "3", "--json"]) == 0
     captions = json.loads(capsys.readouterr().out)["captions"]

@@ -36,6 +36,21 @@ def content_words(text: str) -> set[str]:
     return {w for w in tokenize(text) if is_content_word(w)}
 
 
+NGRAM_ORDERS = (2, 3)  # bigrams and trigrams: the phrases a style over-uses (aicrl/phrases.py)
+
+
+def ngram_shares(captions: Iterable[str], orders: Sequence[int] = NGRAM_ORDERS) -> dict[str, float]:
+    """For every word n-gram (n in `orders`), the share of the captions that contain it."""
+    captions = [tokenize(c) for c in captions]
+    counts = Counter(" ".join(g) for c in captions for n in orders for g in {tuple(c[i:i + n])
+                                                                             for i in range(len(c) - n + 1)})
+    return {g: k / max(len(captions), 1) for g, k in counts.items()}
+
+
+def trigram_shares(captions: Iterable[str]) -> dict[str, float]:
+    return ngram_shares(captions, (3,))
+
+
 class Vocabulary:
     def __init__(self, words: Sequence[str]):
         if tuple(words[: len(SPECIALS)]) != SPECIALS:

@@ -1,13 +1,7 @@
 """Encoder + decoder + vocabulary as one object, saved and loaded as a model folder.
 
-A model folder (the Hugging Face `save_pretrained` shape):
-    config.json         CaptionerConfig
-    model.safetensors   decoder weights (fp16), plus `encoder.*` when the encoder was fine-tuned
-    vocab.json          the vocabulary
-    metrics.json        evaluation results (optional)
-    COMMAND.txt         how it was made: the exact commands (optional)
-    phrases.json        each style's over-used phrases, penalised when decoding (optional; aicrl/phrases.py)
-    *.onnx, onnx.json   the same model for ONNX Runtime (`aicrl export`; see aicrl/runtime.py)
+Saved and loaded as a model folder (the Hugging Face `save_pretrained` shape): its files are named in
+aicrl/model/folder.py.
 
 A Captioner runs on one of two backends with the same beam search (aicrl/decoding.py):
 - "onnx": ONNX Runtime + numpy, no torch: inference (`pip install aicrl`);
@@ -16,7 +10,6 @@ This module imports torch only when the torch backend is used.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -31,10 +24,10 @@ from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
 from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, beam_search, greedy,
                         sample)
-from ..phrases import FILE as PHRASES_FILE
 from ..phrases import OverusedPhrases
 from .concepts import ConceptTable, PersonHead, imagenet_probabilities, top_concepts
-from .tags import CLASSIFIER_FILE, head_weights, load_head, tags_from_features
+from .folder import ModelFolder
+from .tags import head_weights, load_head, tags_from_features
 
 if TYPE_CHECKING:
     from ..runtime import OnnxModel
@@ -188,26 +181,28 @@ class Captioner:
     def save_pretrained(self, path: str | Path, metrics: dict | None = None, command: str | None = None) -> None:
         from safetensors.torch import save_file
 
-        from ..runtime import INT8_FILES, MANIFEST, ONNX_FILES
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.config.to_json(path / "config.json")
-        self.vocab.save(path / "vocab.json")
+        folder = ModelFolder(path)
+        folder.path.mkdir(parents=True, exist_ok=True)
+        self.config.to_json(folder.config)
+        self.vocab.save(folder.vocab)
         # fp16 CPU tensors: a model folder loads on any device
         tensors = {k: v.detach().half().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
         if self.encoder_finetuned:  # only the fine-tuned last stage; the rest is the pretrained encoder
             tensors |= {f"encoder.{k}": v.detach().half().cpu().contiguous()
                         for k, v in self.encoder.state_dict().items()
                         if v.is_floating_point() and self.encoder.in_last_stage(k)}
-        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(folder.weights), metadata={"format": "pt"})
         # an export of other weights, and their stock phrases, are stale now
-        for name in [MANIFEST, *ONNX_FILES.values(), *INT8_FILES.values(), CLASSIFIER_FILE, PHRASES_FILE]:
-            (path / name).unlink(missing_ok=True)
+        for stale in folder.made_from_weights():
+            stale.unlink(missing_ok=True)
+        if self.concept_table is not None:  # the words a grounded decoder's concept ids stand for
+            self.concept_table.save(folder.path)
+        if self.person_head is not None:
+            self.person_head.save(folder.path)
         if metrics is not None:
-            (path / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            folder.write_metrics(metrics)
         if command is not None:
-            (path / "COMMAND.txt").write_text(command.strip() + "\n")
+            folder.write_command(command)
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, encoder: "ImageEncoder | None" = None,
@@ -225,19 +220,20 @@ class Captioner:
 
     @classmethod
     def _load(cls, path, encoder, backend: str, threads: int | None, device: str) -> "Captioner":
-        from ..runtime import BackendUnavailable, OnnxModel, OnnxModelError, has_export
+        from ..runtime import BackendUnavailable, OnnxModel, OnnxModelError
 
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose from {BACKENDS}")
         path = Path(path) if path else default_model_dir()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
-        config = CaptionerConfig.from_json(path / "config.json")
-        vocab = Vocabulary.load(path / "vocab.json")
+        folder = ModelFolder(path)
+        if not folder.config.is_file():
+            raise FileNotFoundError(f"{path} is not a model folder (no {folder.CONFIG})")
+        config = CaptionerConfig.from_json(folder.config)
+        vocab = Vocabulary.load(folder.vocab)
         if backend == "auto" and device not in ("auto", "cpu"):
             backend = "torch"  # a GPU was asked for: ONNX Runtime here runs on the CPU
         if backend == "auto":
-            backend = "onnx" if encoder is None and has_export(path) and onnxruntime_available() else "torch"
+            backend = "onnx" if encoder is None and folder.has_export() and onnxruntime_available() else "torch"
             if backend == "torch" and not torch_available():
                 backend = "onnx"  # the only one there is: its error says what is missing
             elif backend == "onnx" and torch_available():
@@ -265,7 +261,7 @@ class Captioner:
 
         from .decoder import build_decoder
 
-        tensors = load_file(str(path / "model.safetensors"))
+        tensors = load_file(str(ModelFolder(path).weights))
         decoder = build_decoder(config)
         decoder.load_state_dict({k: v.float() for k, v in tensors.items() if not k.startswith("encoder.")})
         model = cls(config, vocab, decoder, encoder)

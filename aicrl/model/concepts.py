@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-FILE = "concepts.json"  # in a model folder
+from .folder import ModelFolder
+
+FILE = ModelFolder.CONCEPTS
 # Words that name a person or a dog in a caption (from the CHAIR synonyms of COCO's "person" and
 # "dog", Rohrbach et al. 2018, plus the plurals and everyday words Flickr8k's captions use).
 PERSON_WORDS = frozenset("""
@@ -140,7 +142,7 @@ class ConceptTable:
 # --- concepts as decoder input (config.concept_tokens) ---
 
 PERSON = "person"  # the one concept ImageNet has no class for: a probe on the grid gives it (PersonHead)
-PERSON_HEAD_FILE = "person_head.npz"  # in a grounded model folder: weight (dim,), bias ()
+PERSON_HEAD_FILE = ModelFolder.PERSON_HEAD  # in a grounded model folder: weight (dim,), bias ()
 
 
 class PersonHead:

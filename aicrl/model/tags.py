@@ -6,7 +6,7 @@ one 1280x1000 matrix product on the grid the captioner already computed: no seco
 They name things the captioning vocabulary may not know ("espresso", "laptop", "lynx").
 
 Runs on numpy, for both backends: the torch encoder gives its head's weights (`head_weights`), and
-`aicrl export` writes the same weights to the model folder (CLASSIFIER_FILE) for ONNX Runtime.
+`aicrl export` writes the same weights to the model folder (classifier.npz) for ONNX Runtime.
 The class names ship beside this file (from torchvision's ImageNet metadata).
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .concepts import imagenet_probabilities
+from .folder import ModelFolder
 
 TOP_K = 5
 MIN_PROBABILITY = 0.05  # below this a label is mostly noise
-CLASSIFIER_FILE = "classifier.npz"  # in an exported model folder: weight (1000, dim), bias (1000,)
 
 
 @lru_cache(maxsize=1)
@@ -42,15 +42,16 @@ def head_weights(encoder) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def save_head(encoder, model_dir: Path) -> bool:
-    """Write the encoder's head to `model_dir` (fp16) for the ONNX backend; False where it has none."""
+    """Write the encoder's head to `model_dir` (fp16: weight (1000, dim), bias (1000,)) for the ONNX
+    backend; False where it has none."""
     head = head_weights(encoder)
     if head is not None:
-        np.savez(Path(model_dir) / CLASSIFIER_FILE, weight=head[0].astype(np.float16), bias=head[1].astype(np.float16))
+        np.savez(ModelFolder(model_dir).classifier, weight=head[0].astype(np.float16), bias=head[1].astype(np.float16))
     return head is not None
 
 
 def load_head(model_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    path = Path(model_dir) / CLASSIFIER_FILE
+    path = ModelFolder(model_dir).classifier
     if not path.is_file():
         return None
     with np.load(path) as f:

@@ -1,6 +1,8 @@
-"""The model card the Info tab shows, read from the model folder: config.json, metrics.json and
-COMMAND.txt (the commands that made the model). Nothing here knows which data a model was trained
-on: that comes from the folder, so a model trained on COCO is described as such.
+"""The model card the Info tab shows, read from the model folder's own files (aicrl/model/folder.py):
+config.json (the architecture), train_config.json (the data it learnt from), metrics.json (its scores)
+and COMMAND.txt (shown as it is). Nothing here knows which data a model was trained on: that comes
+from the folder, so a model trained on COCO is described as such. Needs neither torch nor the command
+line: the web app runs on the base install.
 
     model_card(captioner, model_dir) -> dict   {"summary": [...], "scores": {...}, ...}
 
@@ -9,17 +11,13 @@ what it cannot do, what serves it); the raw facts follow for those who want them
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import json
 import logging
-import shlex
 from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 
 from ..data.datasets import DATASET_DESCRIPTIONS
+from ..model.folder import ModelFolder, metrics_key
 
 log = logging.getLogger(__name__)
 
@@ -35,48 +33,37 @@ GENERAL_LIMITATIONS = [
 # The metrics shown in the summary, in this order, where metrics.json has them.
 HEADLINE = ("BLEU-4", "METEOR", "CIDEr")
 
-try:
-    VERSION = metadata.version("aicrl")
-except metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    VERSION = "0+unknown"
-
-
-def _read_json(path: Path) -> dict:
+def _package_version(name: str) -> str:
     try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+VERSION = _package_version("aicrl")
+
+
+def _read(folder: ModelFolder, name: str) -> dict:
+    """A json file of the folder, {} when it is missing or damaged (the card says what it can)."""
+    try:
+        return folder.read_json(name)
     except (OSError, ValueError) as e:
-        log.warning("cannot read %s: %s", path, e)
+        log.warning("cannot read %s: %s", folder.path / name, e)
         return {}
 
 
-def training_command(command: str | None) -> argparse.Namespace | None:
-    """The `aicrl train` line of COMMAND.txt, parsed with the command line's own parser."""
-    from ..cli import build_parser
-
-    for line in (command or "").splitlines():
-        line = line.strip()
-        if not line.startswith("aicrl train "):
-            continue
-        try:
-            with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its complaints
-                args, _ = build_parser().parse_known_args(shlex.split(line)[1:])
-        except (SystemExit, ValueError):  # a line the parser does not accept
-            continue
-        return args
-    return None
+def _text(value) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
-def training_data(metrics: dict, command: str | None, styles: list[str]) -> dict:
-    """{"dataset", "description", "style_data"} from metrics.json ("dataset", "style_data") or,
-    failing that, from the training command."""
-    train = training_command(command)
-    dataset = metrics.get("dataset") if isinstance(metrics.get("dataset"), str) else None
-    if dataset is None and train is not None:
-        dataset = train.dataset
-    style_data = metrics.get("style_data") if isinstance(metrics.get("style_data"), str) else None
-    if style_data is None and train is not None and getattr(train, "style_file", "") and len(styles) > 1:
-        style_data = Path(train.style_file).stem
+def training_data(metrics: dict, train_config: dict, styles: list[str]) -> dict:
+    """{"dataset", "description", "style_data"} from metrics.json ("dataset", "style_data": a
+    description written there wins) or else from train_config.json ("dataset", "style_file")."""
+    dataset = _text(metrics.get("dataset")) or _text(train_config.get("dataset"))
+    style_data = _text(metrics.get("style_data"))
+    style_file = _text(train_config.get("style_file"))
+    if style_data is None and style_file and len(styles) > 1:
+        style_data = Path(style_file).stem
     return {"dataset": dataset, "description": DATASET_DESCRIPTIONS.get(dataset or "", dataset or "unknown"),
             "style_data": style_data}
 
@@ -95,7 +82,7 @@ def headline_scores(metrics: dict) -> dict:
     for key, block in metrics.items():
         if not isinstance(block, dict):
             continue
-        own = key == f"{str(block.get('split', '')).replace(' ', '_')}_{block.get('style', 'factual')}".lower()
+        own = key == metrics_key(str(block.get("split", "")), str(block.get("style", "factual")))
         if (key.startswith("test") and "factual" in key) or key == "test":
             scores = _scores(block)
             if scores and (own or "factual" not in out):
@@ -107,15 +94,14 @@ def headline_scores(metrics: dict) -> dict:
 
 
 def backend(captioner) -> str:
-    """What runs the model: "ONNX Runtime" or "PyTorch <version> on <device>"."""
+    """What runs the model: "ONNX Runtime <version> on CPU" or "PyTorch <version> on <device>"."""
     if getattr(captioner, "backend", "torch") == "onnx":
         import onnxruntime
 
         int8 = getattr(captioner.runtime, "int8", False)
         return f"ONNX Runtime {onnxruntime.__version__} on CPU" + (" (int8)" if int8 else "")
-    import torch
-
-    return f"PyTorch {torch.__version__.split('+')[0]} on {getattr(captioner, 'device', 'cpu')}"
+    # the version from the package's metadata: the card imports no torch, even for a torch model
+    return f"PyTorch {_package_version('torch').split('+')[0]} on {getattr(captioner, 'device', 'cpu')}"
 
 
 def summary(card: dict) -> list[str]:
@@ -147,15 +133,16 @@ def model_card(captioner, model_dir: Path | None) -> dict:
     from ..model.captioner import GRID
 
     cfg = captioner.config
-    metrics = _read_json(model_dir / "metrics.json") if model_dir and (model_dir / "metrics.json").is_file() else {}
-    command_file = model_dir / "COMMAND.txt" if model_dir else None
-    command = command_file.read_text().strip()[:4000] if command_file and command_file.is_file() else None
+    folder = ModelFolder(model_dir) if model_dir else None
+    metrics = _read(folder, folder.METRICS) if folder else {}
+    train_config = _read(folder, folder.TRAIN_CONFIG) if folder else {}
+    command = folder.read_command() if folder else None
     styles = list(captioner.styles)
     try:
         params = captioner.parameter_counts()
     except Exception:  # noqa: BLE001  (a stand-in captioner in tests)
         params = {}
-    data = training_data(metrics, command, styles)
+    data = training_data(metrics, train_config, styles)
     limitations = []
     if data["dataset"]:
         limitations.append(f"Trained on {data['description']}: photos unlike those (other subjects, drawings, "
@@ -188,7 +175,7 @@ def model_card(captioner, model_dir: Path | None) -> dict:
         "default_style": styles[0],
         "scores": headline_scores(metrics),
         "metrics": metrics,
-        "command": command,
+        "command": command[:4000] if command else None,
         "config": asdict(cfg),
         "limitations": limitations + GENERAL_LIMITATIONS,
     }
