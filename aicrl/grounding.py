@@ -67,7 +67,8 @@ class GroundingConfig:
     max_words: int = _option(25, "training captions are cut to this many words")
     dev_images: int = _option(0, "score only the first N dev images after each epoch (0: all)")
     eval_beam: int = _option(3, "beam width of the dev evaluation")
-    max_batches: int = _option(0, "stop each epoch after this many batches (0: all): smoke runs and tests")
+    max_batches: int = _option(0, "at most this many batches an epoch (0: all), drawn afresh each epoch")
+    threads: int = _option(0, "torch threads (0: torch's default; 1 is faster on a machine busy with other work)")
     seed: int = _option(0, "random seed")
 
 
@@ -144,6 +145,8 @@ def text_concepts(found: list[list[int]], person: int, k: int, rng: np.random.Ge
 
 def ground(cfg: GroundingConfig) -> dict:
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
