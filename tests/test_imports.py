@@ -160,8 +160,6 @@ def test_no_import_circles():
     assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 item 3: decoding.py still imports model.torch_steps (for tests); "
-                   "the decoding.py rewrite removes it: then delete this marker")
 def test_decoding_imports_nothing_from_model():
     graph = import_graph(package_modules())
     decoding = {m for m in graph if m == "aicrl.decoding" or m.startswith("aicrl.decoding.")}
