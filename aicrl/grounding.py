@@ -79,6 +79,9 @@ def fit_person_head(pooled: np.ndarray, captions: list[list[str]]) -> tuple[Pers
 
     labels = np.array([sum(any(w in PERSON_WORDS for w in tokenize(c)) for c in caps) * 2 > len(caps)
                        for caps in captions])
+    if labels.all() or not labels.any():  # one class (a tiny data set): the base rate, whatever the grid
+        share = float(np.clip(labels.mean(), 0.01, 0.99))
+        return PersonHead(np.zeros(pooled.shape[1]), float(np.log(share / (1 - share)))), 1.0
     probe = LogisticRegression(C=0.5, max_iter=2000).fit(pooled, labels)
     return PersonHead(probe.coef_[0], float(probe.intercept_[0])), float(probe.score(pooled, labels))
 
@@ -236,7 +239,7 @@ def ground(cfg: GroundingConfig) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         decoder.eval()
         preds = caption_images(model, dev_images, lambda chunk: np.stack([grids[n] for n in chunk]).astype(np.float32),
                                cfg.eval_beam, batch_size=100, progress=False)

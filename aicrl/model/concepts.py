@@ -196,8 +196,12 @@ class SentenceConcepts:
         names = concept_names(table)
         self.person = len(names)
         self.forms: dict[tuple[str, ...], int] = {}
-        for i, word in enumerate(names[:-1], 1):
-            for form in sorted(table.words_of(word) - PERSON_WORDS - {PERSON}):
+        own = {i: {word, plural(word)} for i, word in enumerate(names[:-1], 1)}
+        kinds = {i: table.words_of(word) - PERSON_WORDS - {PERSON} for i, word in enumerate(names[:-1], 1)}
+        # A form names the concept whose own word it is ("zebras": zebra), else the narrowest concept
+        # that has it among its kinds (not "animal", which has them all).
+        for i, forms in [*own.items(), *sorted(kinds.items(), key=lambda kv: len(kv[1]))]:
+            for form in sorted(forms):
                 self.forms.setdefault(tuple(form.split()), i)
         self.longest = max(len(f) for f in self.forms)
 

@@ -1,0 +1,91 @@
+"""The grounding stage (aicrl/grounding.py) and the concept input of a grounded decoder."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aicrl.data.features import FeatureCache
+from aicrl.grounding import GroundingConfig, ground, widen
+from aicrl.model.captioner import Captioner, default_model_dir
+from aicrl.model.concepts import ConceptTable, SentenceConcepts, concept_names, top_concepts
+
+from .conftest import make_tiny_model
+
+CONCEPTS = default_model_dir() / "concepts.json"
+
+
+@pytest.fixture(scope="module")
+def table() -> ConceptTable:
+    return ConceptTable.read(CONCEPTS)
+
+
+def test_sentence_concepts_find_what_a_caption_names(table):
+    find = SentenceConcepts(table)
+    names = concept_names(table)
+    found = [names[i - 1] for i in find("two zebras and a man eat a hot dog near the puppy".split())]
+    assert found[:1] == ["zebra"] and "dog" in found and "person" == found[-1]
+    assert "hot dog" in found  # the two-word name wins over "dog"
+    assert find("a red square on a white background".split()) == []
+
+
+def test_top_concepts_put_the_person_first_and_drop_the_unlikely():
+    words = np.array([[0.01, 0.7, 0.2, 0.09], [0.0, 0.0, 0.0, 0.0]])
+    ids, probs = top_concepts(words, np.array([0.9, 0.1]), k=3)
+    assert ids.tolist() == [[5, 2, 3], [5, 0, 0]]  # 1-based word ids; 5 = person, after the 4 words
+    assert np.allclose(probs, [[0.9, 0.7, 0.2], [0.1, 0, 0]])
+
+
+def test_widening_keeps_every_known_word_and_adds_concept_regions(tmp_path, table):
+    model = Captioner.from_pretrained(make_tiny_model(tmp_path / "tiny"), backend="torch")
+    wide = widen(model, ["zebra", "a", "broccoli"], table, k=4)
+    assert wide.vocab.itos[: len(model.vocab)] == model.vocab.itos
+    assert wide.vocab.itos[len(model.vocab):] == ["zebra", "broccoli"]
+    old, new = model.decoder.state_dict(), wide.decoder.state_dict()
+    assert torch.equal(new["embed.weight"][: len(model.vocab)], old["embed.weight"])
+    assert torch.allclose(new["embed.weight"][-1], old["embed.weight"].mean(0))
+    assert new["concept_embed.weight"].shape == (len(concept_names(table)) + 1, wide.config.feature_dim)
+    assert wide.config.concept_tokens == 4
+
+
+@pytest.fixture(scope="module")
+def grounded(tiny_flickr, tiny_cache, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("grounding")
+    text = root / "text.jsonl"
+    text.write_text("".join(json.dumps({"caption": c}) + "\n" for c in
+                            ["a zebra grazes in a field", "two zebras stand on grass", "a plate of broccoli"] * 4))
+    cfg = GroundingConfig(init_from=str(make_tiny_model(root / "init")), data_dir=str(tiny_flickr),
+                          features=str(tiny_cache), concepts=str(CONCEPTS), out=str(root / "run"),
+                          text_file=str(text), min_freq=2, epochs=1, batch_size=8, lr=1e-2, eval_beam=1)
+    ground(cfg)
+    ground(GroundingConfig(**{**cfg.__dict__, "epochs": 2}))  # a rerun resumes after the last epoch
+    return root / "run"
+
+
+def test_grounding_trains_resumes_and_saves_a_grounded_folder(grounded):
+    history = [json.loads(line) for line in (grounded / "log.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    best = grounded / "best"
+    assert {"concepts.json", "person_head.npz", "model.safetensors"} <= {p.name for p in best.iterdir()}
+    model = Captioner.from_pretrained(best, backend="torch")
+    assert "zebra" in model.vocab.stoi and model.config.concept_tokens == 6
+
+
+def test_a_grounded_folder_decodes_the_same_on_onnx_and_torch(grounded, tiny_cache, tmp_path):
+    import shutil
+
+    from aicrl.export import export_onnx
+
+    folder = tmp_path / "grounded"
+    shutil.copytree(grounded / "best", folder)
+    torch_model = Captioner.from_pretrained(folder, backend="torch")
+    export_onnx(folder)
+    onnx_model = Captioner.from_pretrained(folder, backend="onnx")
+    cache = FeatureCache(tiny_cache)
+    features = cache.get(cache.names[:4]).float().numpy()
+    a, b = torch_model.decode(features, beam_size=3), onnx_model.decode(features, beam_size=3)
+    assert [h[0].tokens for h in a] == [h[0].tokens for h in b]
+    assert a[0][0].attention.shape[1] == 49 + 6  # the grid, then the concept regions
+    concepts = onnx_model.concepts(features)
+    assert concepts[0].shape == (4, 6) and (concepts[0][:, 0] == len(concept_names(onnx_model.concept_table))).all()
