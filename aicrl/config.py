@@ -32,6 +32,8 @@ class CaptionerConfig:
     # as caption words, and "person") join the grid as extra regions the decoder attends to; 0: none.
     concept_tokens: int = 0
     num_concepts: int = 0  # concepts the decoder has embeddings for (the concept table's words + person)
+    # of the beam's captions, prefer those that claim nothing the encoder rules out (Captioner._rerank)
+    rerank_by_agreement: bool = False
 
     def guidance_for(self, style: str | None) -> float:
         """The style guidance weight of `style` (0 for a style a per-style table does not name)."""

@@ -87,5 +87,39 @@ def test_a_grounded_folder_decodes_the_same_on_onnx_and_torch(grounded, tiny_cac
     a, b = torch_model.decode(features, beam_size=3), onnx_model.decode(features, beam_size=3)
     assert [h[0].tokens for h in a] == [h[0].tokens for h in b]
     assert a[0][0].attention.shape[1] == 49 + 6  # the grid, then the concept regions
-    concepts = onnx_model.concepts(features)
+    concepts = onnx_model.concepts(onnx_model.seen(features))
     assert concepts[0].shape == (4, 6) and (concepts[0][:, 0] == len(concept_names(onnx_model.concept_table))).all()
+
+
+def seen_of(table, person, **words):
+    from aicrl.model.concepts import Seen
+
+    probs = np.zeros(len(table.vocabulary))
+    for word, p in words.items():
+        probs[table.vocabulary.index(word)] = p
+    return Seen(probs, person)
+
+
+def test_agreement_names_what_the_encoder_rules_out_and_what_it_is_sure_of(table):
+    from aicrl.model.concepts import Agreement
+
+    check = Agreement(table).check
+    assert check("a dog is in the air".split(), seen_of(table, 0.1, cat=0.9)) == {
+        "confidence": 0.0, "unsupported": ["dog"], "missed": ["cat"]}
+    assert check("a cat sleeps on a bed".split(), seen_of(table, 0.1, cat=0.9)) == {
+        "confidence": 1.0, "unsupported": [], "missed": []}
+    assert check("a man holds a cat".split(), seen_of(table, 0.05, cat=0.9))["unsupported"] == ["person"]
+    assert check("a man holds a cat".split(), seen_of(table, None, cat=0.9))["unsupported"] == []  # no probe
+
+
+def test_reranking_prefers_a_true_caption_to_a_more_likely_false_one(tmp_path, table):
+    from aicrl.decoding import Hypothesis
+
+    model = Captioner.from_pretrained(make_tiny_model(tmp_path / "tiny"), backend="torch")
+    model.concept_table = table
+    ids = lambda text: [model.vocab.stoi[w] for w in text.split()]  # noqa: E731
+    hyps = [Hypothesis(ids("a man riding a horse"), -1.0, -0.2, np.zeros((5, 49))),
+            Hypothesis(ids("a dog runs on grass"), -2.0, -0.4, np.zeros((5, 49))),
+            Hypothesis(ids("a horse runs on grass"), -3.0, -0.6, np.zeros((5, 49)))]
+    best = model._rerank(hyps, seen_of(table, 0.01, horse=0.8), n_best=2)
+    assert [model.vocab.decode(h.tokens) for h in best] == ["a horse runs on grass", "a man riding a horse"]

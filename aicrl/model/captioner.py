@@ -25,7 +25,7 @@ from ..data.vocab import Vocabulary, is_content_word
 from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, beam_search, greedy,
                         sample)
 from ..phrases import OverusedPhrases
-from .concepts import ConceptTable, PersonHead, imagenet_probabilities, top_concepts
+from .concepts import Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities, top_concepts
 from .folder import ModelFolder
 from .tags import head_weights, load_head, tags_from_features
 
@@ -51,10 +51,12 @@ class Caption:
     logprob: float  # total log-probability of the caption
     words: list[str]
     attention: list[list[float]]  # one row of GRID*GRID weights per word
+    # agreement with what the encoder sees (concepts.Agreement): confidence, unsupported, missed
+    grounding: dict = field(default_factory=dict)
 
     def to_dict(self, logprob: bool = False) -> dict:
         """The caption as the API, the gallery and `aicrl caption --json` give it."""
-        return {"text": self.text, "score": round(float(self.score), 4)} | (
+        return {"text": self.text, "score": round(float(self.score), 4)} | self.grounding | (
             {"logprob": round(float(self.logprob), 4)} if logprob else {})
 
 
@@ -305,17 +307,40 @@ class Captioner:
         with torch.inference_mode(), autocast(self.device, autocast_dtype(self.config.precision, self.device)):
             return self.encoder(batch).float().cpu().numpy()
 
-    def concepts(self, features) -> tuple[np.ndarray, np.ndarray] | None:
-        """The concept input of a grounded decoder (config.concept_tokens) for grids (B, R, F):
-        (B, K) concept ids and probabilities, from the encoder's ImageNet head and the person probe."""
-        if not self.config.concept_tokens:
-            return None
+    def seen(self, features) -> list[Seen] | None:
+        """What the encoder sees in each grid (B, R, F): the concept table's word probabilities (from
+        the ImageNet head) and P(person) (the person probe; None without one). None where the model
+        has no concept table or head."""
         head = self.classifier()
-        if head is None or self.concept_table is None or self.person_head is None:
-            raise ValueError("a grounded model needs its ImageNet head, concepts.json and person_head.npz")
+        if head is None or self.concept_table is None:
+            return None
         features = np.asarray(features, dtype=np.float32)
         words = self.concept_table.word_probabilities(imagenet_probabilities(head, features))
-        return top_concepts(words, self.person_head(features), self.config.concept_tokens)
+        person = self.person_head(features) if self.person_head is not None else [None] * len(words)
+        return [Seen(w, None if p is None else float(p)) for w, p in zip(words, person)]
+
+    def concepts(self, seen: list[Seen] | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The concept input of a grounded decoder (config.concept_tokens): (B, K) concept ids and
+        probabilities."""
+        if not self.config.concept_tokens:
+            return None
+        if seen is None or seen[0].person is None:
+            raise ValueError("a grounded model needs its ImageNet head, concepts.json and person_head.npz")
+        return top_concepts(np.stack([s.words for s in seen]), np.array([s.person for s in seen]),
+                            self.config.concept_tokens)
+
+    def agreement(self, hyps: list[Hypothesis], seen: Seen) -> list[dict]:
+        """Each hypothesis checked against what the encoder sees (concepts.Agreement)."""
+        if not hasattr(self, "_agreement"):
+            self._agreement = Agreement(self.concept_table)
+        return [self._agreement.check([self.vocab.itos[t] for t in h.tokens], seen) for h in hyps]
+
+    def _rerank(self, hyps: list[Hypothesis], seen: Seen, n_best: int) -> list[Hypothesis]:
+        """The beam's captions, those that claim nothing the encoder rules out first, then those
+        that name what it is sure of, then by score: a plain true caption beats a fluent false one."""
+        checks = self.agreement(hyps, seen)
+        order = sorted(range(len(hyps)), key=lambda i: (len(checks[i]["unsupported"]), len(checks[i]["missed"]), i))
+        return [hyps[i] for i in order[:n_best]]
 
     def generation_options(self, n: int, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                            max_length: int | None = None, guidance: float | None = None) -> GenerationOptions:
@@ -342,12 +367,16 @@ class Captioner:
         `variants` > 1: that many different captions per image, best first (see `_variants`)."""
         features = features.float().cpu().numpy() if hasattr(features, "detach") else np.asarray(features, np.float32)
         options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance)
-        options.concepts = self.concepts(features)
+        seen = self.seen(features)
+        options.concepts = self.concepts(seen)
         steps = self.steps()
         if variants == 1:
             if beam_size == 1:
                 return [[h] for h in greedy(steps, features, options)]
-            return beam_search(steps, features, options)
+            if not (self.config.rerank_by_agreement and seen):
+                return beam_search(steps, features, options)
+            beams = beam_search(steps, features, options.replace(n_best=beam_size))
+            return [self._rerank(b, s, n_best) for b, s in zip(beams, seen)]
         # different captions: every beam, then sampled ones; the best that differ win
         beams = beam_search(steps, features, options.replace(n_best=beam_size))
         drawn = sample(steps, features, options.replace(temperature=0.8, top_p=0.9), n=4 * variants)
@@ -367,15 +396,17 @@ class Captioner:
         tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
         t1 = time.perf_counter()
         hyps = self.decode(features, beam_size, n_best, style, max_length, variants=variants)
+        seen = self.seen(features) or [None] * len(hyps)
         t2 = time.perf_counter()
         timing = {"encode": round((t1 - t0) * 1000 / len(images), 1),
                   "decode": round((t2 - t1) * 1000 / len(images), 1)}
         style = style or self.styles[0]
         results = []
-        for image_hyps, image_tags in zip(hyps, tags):
+        for image_hyps, image_tags, image_seen in zip(hyps, tags, seen):
+            checks = self.agreement(image_hyps, image_seen) if image_seen else [{} for _ in image_hyps]
             captions = [Caption(self.vocab.decode(h.tokens), h.score, h.logprob, [self.vocab.itos[t] for t in h.tokens],
-                                [[round(float(a), 4) for a in row[:GRID * GRID]] for row in h.attention])
-                        for h in image_hyps]
+                                [[round(float(a), 4) for a in row[:GRID * GRID]] for row in h.attention], check)
+                        for h, check in zip(image_hyps, checks)]
             results.append(CaptionResult(captions, style, dict(timing), image_tags))
         return results
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +197,7 @@ class SentenceConcepts:
         names = concept_names(table)
         self.person = len(names)
         self.forms: dict[tuple[str, ...], int] = {}
-        own = {i: {word, plural(word)} for i, word in enumerate(names[:-1], 1)}
+        own = {i: {word, plural(word)} - PERSON_WORDS for i, word in enumerate(names[:-1], 1)}
         kinds = {i: table.words_of(word) - PERSON_WORDS - {PERSON} for i, word in enumerate(names[:-1], 1)}
         # A form names the concept whose own word it is ("zebras": zebra), else the narrowest concept
         # that has it among its kinds (not "animal", which has them all).
@@ -218,3 +219,50 @@ class SentenceConcepts:
         if any(w in PERSON_WORDS for w in words):
             found.append(self.person)
         return list(dict.fromkeys(found))
+
+
+# --- does a caption agree with what the encoder sees? ---
+
+@dataclass
+class Seen:
+    """What the encoder sees in one photo: each table word's probability, and P(person) (None
+    where the model has no person probe)."""
+    words: np.ndarray  # (len(table.vocabulary),)
+    person: float | None
+
+
+class Agreement:
+    """Checks a caption against the photo's concepts: which things it names that the encoder does
+    not see (`unsupported`: a person the probe rules out, an object the ImageNet head gives almost
+    no probability), which confident concepts it leaves out (`missed`), and a confidence in [0, 1]
+    from both. Checked are a person and a dog anywhere (what a Flickr8k decoder invents), and the
+    caption's subject, its first object with a COCO class: ImageNet's head sees a photo's main
+    object, not the bed under the cat, and "a field" or "the air" are never called unsupported."""
+
+    PERSON_ABSENT = 0.25  # P(person) below this: a person in the caption is unsupported
+    OBJECT_ABSENT = 0.02  # an object class below this: unsupported
+    CONFIDENT = 0.5  # a concept at or above this should be named
+
+    def __init__(self, table: ConceptTable):
+        self.names = concept_names(table)
+        self.person = len(self.names)
+        self.find = SentenceConcepts(table)
+        self.objects = {i for i, w in enumerate(self.names[:-1], 1) if table.coco_of(w)}
+        self.always = {self.person} | ({self.names.index("dog") + 1} if "dog" in self.names else set())
+
+    def check(self, words: list[str], seen: Seen) -> dict:
+        named = self.find(words)
+        subject = next((i for i in named if i in self.objects), None)
+        checked = [i for i in named if (i in self.always or i == subject)
+                   and not (i == self.person and seen.person is None)]
+        unsupported, missed = [], []
+        for i in checked:
+            support = seen.person if i == self.person else seen.words[i - 1]
+            if support < (self.PERSON_ABSENT if i == self.person else self.OBJECT_ABSENT):
+                unsupported.append(self.names[i - 1])
+        confident = [i + 1 for i in np.flatnonzero(seen.words >= self.CONFIDENT)]
+        if seen.person is not None and seen.person >= self.CONFIDENT:
+            confident.append(self.person)
+        missed = [self.names[i - 1] for i in confident if i not in named]
+        confidence = (1 - len(unsupported) / max(1, len(checked))) * (1 - len(missed) / max(1, len(confident)))
+        return {"confidence": round(confidence, 3), "unsupported": unsupported, "missed": missed}

@@ -45,6 +45,11 @@ class ErrorResponse(BaseModel):
 class CaptionOut(BaseModel):
     text: str
     score: float = Field(description="the beam's ranking score (higher is better)")
+    confidence: float | None = Field(default=None, ge=0, le=1, description=(
+        "how far the caption agrees with what the encoder sees (1: it names every confident concept and "
+        "nothing the encoder rules out); absent for a model without a concept table"))
+    unsupported: list[str] | None = Field(default=None, description="things the caption names that the encoder rules out")
+    missed: list[str] | None = Field(default=None, description="confident concepts the caption leaves out")
 
 
 class Tag(BaseModel):

@@ -322,6 +322,7 @@
     area.replaceChildren(
       el("p", { class: "label", id: "result-label", tabindex: "-1" }, result.label || `Best caption (${result.style})`),
       caption,
+      agreementNote(best),
       tagList(result.tags),
       el("p", { class: "small muted" }, words.length
         ? "Hover, focus or click a word to see where the model looked."
@@ -339,6 +340,18 @@
   }
 
   // The encoder's ImageNet labels: they can name what the captions cannot.
+  // How far the caption agrees with what the encoder sees (the API's confidence, unsupported, missed).
+  function agreementNote(caption) {
+    if (caption.confidence === undefined || caption.confidence === null) return null;
+    const parts = [`Agreement with what the encoder sees: ${Math.round(caption.confidence * 100)}%.`];
+    if (caption.unsupported && caption.unsupported.length)
+      parts.push(`It does not see: ${caption.unsupported.join(", ")}.`);
+    if (caption.missed && caption.missed.length)
+      parts.push(`It also sees: ${caption.missed.join(", ")}.`);
+    return el("p", { class: "agreement small" + (caption.confidence < 0.5 ? " warn" : ""), id: "agreement",
+      text: parts.join(" ") });
+  }
+
   function tagList(tags) {
     if (!tags || !tags.length) return null;
     return el("ul", { class: "tags", "aria-label": "Tags (ImageNet labels with their probability)" },
