@@ -314,9 +314,9 @@ class Captioner:
         head = self.classifier()
         if head is None or self.concept_table is None:
             return None
-        features = np.asarray(features, dtype=np.float32)
-        words = self.concept_table.word_probabilities(imagenet_probabilities(head, features))
-        person = self.person_head(features) if self.person_head is not None else [None] * len(words)
+        probs = imagenet_probabilities(head, np.asarray(features, dtype=np.float32))
+        words = self.concept_table.word_probabilities(probs)
+        person = self.person_head(probs) if self.person_head is not None else [None] * len(words)
         return [Seen(w, None if p is None else float(p)) for w, p in zip(words, person)]
 
     def concepts(self, seen: list[Seen] | None) -> tuple[np.ndarray, np.ndarray] | None:

@@ -143,18 +143,21 @@ class ConceptTable:
 # --- concepts as decoder input (config.concept_tokens) ---
 
 PERSON = "person"  # the one concept ImageNet has no class for: a probe on the grid gives it (PersonHead)
-PERSON_HEAD_FILE = ModelFolder.PERSON_HEAD  # in a grounded model folder: weight (dim,), bias ()
+PERSON_HEAD_FILE = ModelFolder.PERSON_HEAD  # in a grounded model folder: weight (1000,), bias ()
 
 
 class PersonHead:
-    """P(a person is in the photo) from the average-pooled grid: logistic regression fitted on
-    Flickr8k's training photos, labelled by whether most of their captions name a person."""
+    """P(a person is in the photo) from the ImageNet class probabilities: one weight per class
+    (jerseys, skis and grooms speak for a person; dalmatians against) over a fixed negative bias,
+    fitted on Flickr8k's training photos (grounding.fit_person_head). The bias is fixed, not
+    fitted, so a photo whose classes Flickr8k never showed (food, rooms) gets no person: a probe on
+    the grid itself learnt Flickr8k's base rate (74% people) and saw people in most everyday photos."""
 
     def __init__(self, weight: np.ndarray, bias: float):
         self.weight, self.bias = np.asarray(weight, dtype=np.float32), float(bias)
 
-    def __call__(self, features: np.ndarray) -> np.ndarray:
-        logits = np.asarray(features, dtype=np.float32).mean(1) @ self.weight + self.bias
+    def __call__(self, imagenet_probs: np.ndarray) -> np.ndarray:
+        logits = np.asarray(imagenet_probs, dtype=np.float32) @ self.weight + self.bias
         return 1.0 / (1.0 + np.exp(-logits))
 
     def save(self, model_dir: str | Path) -> None:
