@@ -1,7 +1,6 @@
 """The gallery when writers die or the disk fills: leftovers are swept, errors are clear, nothing is lost."""
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -42,7 +41,7 @@ def test_a_killed_writer_s_temp_file_is_removed_once_it_is_stale(tmp_path, monke
     run = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(db)], cwd=ROOT, capture_output=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert run.returncode == -signal.SIGKILL, run.stderr.decode()[-2000:]
-    leftovers = [p for p in (tmp_path / "images").iterdir()]
+    leftovers = list((tmp_path / "images").iterdir())
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".tmp-") and leftovers[0].suffix == ".jpg"
 
     Gallery(db)  # fresh: it could be a live writer's (the server's), so it stays

@@ -134,7 +134,8 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
     with open(tmp_path / "traits.jsonl", "w") as f:
         for split in ("train", "dev"):
             for image in data.images(split):
-                colour = image.split("_")[1].split(".")[0].rstrip("0123456789").replace("square", "").replace("circle", "")
+                kind = image.split("_")[1].split(".")[0].rstrip("0123456789")  # 1000_redsquare0.jpg -> redsquare
+                colour = kind.replace("square", "").replace("circle", "")
                 for style, word in words.items():
                     f.write(json.dumps({"image": image, "split": split, "style": style,
                                         "caption": f"{word} a {colour} thing {word}"}) + "\n")
