@@ -22,6 +22,7 @@ Files in the output folder:
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -152,6 +153,18 @@ def _distributed(device: torch.device) -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _leave_distributed(finished: bool) -> None:
+    """Tear the process group down before the interpreter exits. A group left for exit to destroy
+    (DistributedDataParallel keeps it alive through reference cycles) joins gloo's threads in
+    arbitrary order and can abort with 'terminate called without an active exception'. After a
+    finished run a barrier first, so no process leaves while another still talks to it; after an
+    error none, since the others may never reach it."""
+    gc.collect()  # free the DDP wrapper and its reducer, which hold the group
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -447,9 +460,23 @@ def load_checkpoint(path: Path, decoder, encoder, optimizer, scheduler, scaler, 
 # ----------------------------------------------------------------------------- training
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
-    """Train a captioner; returns a summary (best epoch, its dev scores, seconds)."""
+    """Train a captioner; returns a summary (best epoch, its dev scores, seconds). Under torchrun it
+    starts the process group and tears it down, whether training ends or fails."""
     device = resolve_device(cfg.device)
+    owns_group = not dist.is_initialized()
     rank, world = _distributed(device)
+    try:
+        summary = _train(cfg, resume, device, rank, world)
+    except BaseException:
+        if owns_group and dist.is_initialized():
+            _leave_distributed(finished=False)
+        raise
+    if owns_group and dist.is_initialized():
+        _leave_distributed(finished=True)
+    return summary
+
+
+def _train(cfg: TrainConfig, resume: bool, device: torch.device, rank: int, world: int) -> dict:
     main_process = rank == 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -556,7 +583,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         gathered = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(gathered, mine)
         checksums = [float(g) for g in gathered]
-        dist.destroy_process_group()
     best_entry = max(history, key=lambda h: h[f"dev_{cfg.metric}"]) if history else {}
     return {"best_epoch": best_entry.get("epoch"), "dev_BLEU-4": best_entry.get("dev_BLEU-4"),
             "dev_CIDEr": best_entry.get("dev_CIDEr"), "final_train_loss": history[-1]["train_loss"] if history else None,

@@ -101,12 +101,15 @@ def lite2():
 
 
 def _tiny_cache(tiny_flickr: Path, encoder, folder: Path, **options) -> Path:
-    """A feature cache of every tiny photo (options: extract_features's stage, mirror)."""
+    """A feature cache of every tiny photo (options: extract_features's stage, mirror), encoded in
+    fp32 so that the features, and what the tiny models learn from them, do not hang on the CPU's
+    bf16 (none, AVX512-bf16 or AMX)."""
     from aicrl.data.datasets import read_flickr8k
     from aicrl.data.features import extract_features
 
     data = read_flickr8k(tiny_flickr)
-    extract_features(encoder, data.image_dir, data.images(), folder, batch_size=8, num_workers=0, **options)
+    extract_features(encoder, data.image_dir, data.images(), folder, batch_size=8, num_workers=0,
+                     precision="fp32", **options)
     return folder
 
 

@@ -697,14 +697,17 @@ def test_index_command_captions_a_folder_and_skips_duplicates(web_model_dir, web
     assert args.func(args) == 0
     out, err = capsys.readouterr()
     summary = json.loads(out)
-    assert summary["found"] == 3 and summary["indexed"] == 2 and summary["skipped_duplicates"] == 0
+    assert summary["found"] == 3 and summary["indexed"] == 2
+    assert summary["already_indexed"] == 0 and summary["skipped_duplicates"] == 0
     assert [u["file"] for u in summary["unreadable"]] == ["broken.jpg"] and summary["ignored_files"] == 1
     assert "broken.jpg" in err and "indexing" in err  # the report and the tqdm bar are on stderr
 
     (folder / "cat-copy.jpg").write_bytes(CHELSEA)  # same content, other name
     assert args.func(args) == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["indexed"] == 0 and again["skipped_duplicates"] == 3 and len(again["unreadable"]) == 1
+    # indexed before: cat-copy.jpg (its content, sorted first) and coffee.JPG; cat.jpg repeats cat-copy.jpg
+    assert again["indexed"] == 0 and again["already_indexed"] == 2 and again["skipped_duplicates"] == 1
+    assert len(again["unreadable"]) == 1
     assert again["gallery_images"] == 2
 
     # the server sees what the command indexed

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -100,9 +101,12 @@ def add_index(sub) -> None:
         "index", help="caption every image of a folder into the gallery",
         description="Caption every image file of FOLDER (.jpg .jpeg .png .gif .webp .bmp .tif .tiff) and "
         "store it in the gallery that `aicrl serve` searches, with its ImageNet tags. Files already in "
-        "the gallery with captions in this style (same content, by SHA-256) are skipped, so rerunning only "
-        "adds new photos; another --style adds that style's captions to the same gallery items. Unreadable files are "
-        "reported and skipped. Progress goes to stderr; a JSON summary to stdout.")
+        "the gallery with captions in this style (same content, by SHA-256) are skipped and counted as "
+        "already_indexed, so rerunning only adds new photos; files with the same content as another file of "
+        "this run are counted as skipped_duplicates; another --style adds that style's captions to the same "
+        "gallery items. Unreadable files are reported and skipped. Progress goes to stderr; a JSON summary to "
+        "stdout. A gallery that cannot be written (a full disk) stops the run with exit status 1; what was "
+        "indexed before stays.")
     p.add_argument("folder", help="folder of images to caption")
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE", help=f"gallery database (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
@@ -138,31 +142,34 @@ def index_folder(folder: str | Path, db_path: str | Path = DEFAULT_DB, captioner
     images = image_files(folder, recursive)
     others = sum(p.is_file() and not p.name.startswith(".") for p in folder.glob("**/*" if recursive else "*"))
     summary = {"folder": str(folder), "db": str(db_path), "found": len(images), "indexed": 0,
-               "skipped_duplicates": 0, "unreadable": [], "ignored_files": others - len(images)}
+               "already_indexed": 0, "skipped_duplicates": 0, "unreadable": [], "ignored_files": others - len(images)}
     seen: set[str] = set()
     start = time.perf_counter()
-    bar = tqdm(images, desc="indexing", unit="img", file=sys.stderr, disable=not progress)
-    for path in bar:
-        name = str(path.relative_to(folder))
-        try:
-            if path.stat().st_size > MAX_FILE_BYTES:
-                raise ImageLoadError(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
-            data = path.read_bytes()
-            digest = sha256_bytes(data)
-            if digest in seen or gallery.has_caption(digest, style):
-                summary["skipped_duplicates"] += 1
+    # closed on every way out, so an error message starts on its own line
+    with tqdm(images, desc="indexing", unit="img", file=sys.stderr, disable=not progress) as bar:
+        for path in bar:
+            name = str(path.relative_to(folder))
+            try:
+                if path.stat().st_size > MAX_FILE_BYTES:
+                    raise ImageLoadError(f"larger than {MAX_FILE_BYTES // (1024 * 1024)} MB")
+                data = path.read_bytes()
+                digest = sha256_bytes(data)
+                if digest in seen:  # the same content as a file before it in this run
+                    summary["skipped_duplicates"] += 1
+                    continue
+                seen.add(digest)
+                if gallery.has_caption(digest, style):  # indexed by an earlier run (or the server)
+                    summary["already_indexed"] += 1
+                    continue
+                image = open_image(data)
+                result = captioner.caption([data], beam_size=beam_size, n_best=beam_size, style=style)[0]
+            except (ImageLoadError, OSError) as e:
+                summary["unreadable"].append({"file": name, "error": str(e)})
+                bar.write(f"skipping {name}: {e}", file=sys.stderr)
                 continue
-            image = open_image(data)
-            result = captioner.caption([data], beam_size=beam_size, n_best=beam_size, style=style)[0]
-        except (ImageLoadError, OSError) as e:
-            summary["unreadable"].append({"file": name, "error": str(e)})
-            bar.write(f"skipping {name}: {e}", file=sys.stderr)
-            continue
-        gallery.add(image, [c.to_dict() for c in result.captions], result.style, digest, source=name,
-                    tags=result.tags)
-        seen.add(digest)
-        summary["indexed"] += 1
-    bar.close()
+            gallery.add(image, [c.to_dict() for c in result.captions], result.style, digest, source=name,
+                        tags=result.tags)
+            summary["indexed"] += 1
     seconds = time.perf_counter() - start
     summary["seconds"] = round(seconds, 2)
     summary["images_per_second"] = round(summary["indexed"] / seconds, 2) if seconds > 0 else None
@@ -178,5 +185,10 @@ def cmd_index(args) -> int:
     except (NotADirectoryError, FileNotFoundError, ValueError) as e:
         print(f"aicrl index: {e}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as e:  # a full disk, a read-only folder: the photos read fine
+        # Gallery.add writes an item's files and its row all or nothing: what is indexed stays whole.
+        print(f"aicrl index: cannot write the gallery {args.db}: {e}; the images indexed before this "
+              "one are kept", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0

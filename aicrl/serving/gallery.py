@@ -15,6 +15,12 @@ Files are written atomically (a temp file in the same folder, then `os.replace`)
 inserted in one transaction, so a row never points at a missing or half-written file; a delete moves
 the files aside, removes the rows in one transaction, then the files (or moves them back on failure).
 Every SQL statement is parameterised; search terms are quoted before they reach FTS5's query syntax.
+
+A process killed mid-write (kill -9, power cut) can leave files no row names: a hidden `.tmp-*`
+file, an item's files written before its row, or a delete's `.deleting-*` files. Opening the gallery
+sweeps them, but only those older than `STALE_SECONDS`: a live writer (the server, a concurrent
+`aicrl index`) holds such a file for milliseconds, so an old one is a dead writer's, and no lock
+between processes is needed.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import os
 import re
 import sqlite3
 import tempfile
+import time
 import uuid
 from contextlib import closing, contextmanager
 from datetime import datetime, timezone
@@ -40,6 +47,8 @@ _ID_RE = re.compile(ID_PATTERN)
 MAX_SIDE = 1600
 THUMB_SIDE = 320
 _TERM = re.compile(r"[\w']+", re.UNICODE)
+STALE_SECONDS = 60  # leftovers older than this are a killed writer's (a live write takes milliseconds)
+_TEMP, _DELETING = ".tmp-", ".deleting-"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -93,7 +102,7 @@ def _jpeg(image: Image.Image, side: int, quality: int) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP, suffix=path.suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -133,6 +142,26 @@ class Gallery:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
             self._migrate(conn)
+        self._sweep_leftovers()
+
+    def _sweep_leftovers(self) -> None:
+        """Finish what killed writers left (see the module notes): temp files and files of items
+        without a row are removed; a delete that never committed gets its files back."""
+        cutoff = time.time() - STALE_SECONDS
+        with self._connect() as conn:
+            ids = {row["id"] for row in conn.execute("SELECT id FROM images")}
+        for path in self.image_dir.iterdir():
+            try:
+                if path.stat().st_ctime > cutoff:  # ctime: a rename (a delete moving files aside) renews it
+                    continue
+                name = path.name.removeprefix(_DELETING)
+                image_id = name.split(".")[0]
+                if path.name.startswith(_DELETING) and image_id in ids:
+                    os.replace(path, path.with_name(name))  # its row is still there: the delete failed
+                elif path.name.startswith((_TEMP, _DELETING)) or (valid_id(image_id) and image_id not in ids):
+                    path.unlink()
+            except FileNotFoundError:  # another process swept it first
+                continue
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -233,7 +262,7 @@ class Gallery:
         try:
             for path in files:
                 if path.exists():
-                    aside = path.with_name(f".deleting-{path.name}")
+                    aside = path.with_name(_DELETING + path.name)
                     os.replace(path, aside)
                     moved.append((path, aside))
             with self._connect() as conn:
