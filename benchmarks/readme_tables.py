@@ -32,7 +32,15 @@ QUALITY_ROWS = [
     ("test_factual", "**AICRL shipped model**, beam 3"),
     ("test_factual_greedy", "the same, greedy decoding"),
     ("frozen_encoder_test", "before fine-tuning the encoder's last stage (the previous model), beam 3"),
+    ("ungrounded_test_factual", "before the grounding stage (the previous shipped model), beam 3"),
     ("cross_entropy_start_test", "before self-critical training (the cross-entropy model it started from), beam 3"),
+]
+# Truth beyond Flickr8k: (key, row label); the keys' results carry "grounding" (aicrl evaluate)
+GROUNDING_ROWS = [
+    ("all_factual", "**shipped model**, coco_mini (80 everyday photos)"),
+    ("ungrounded_all_factual", "before the grounding stage, coco_mini"),
+    ("test_factual", "**shipped model**, Flickr8k test"),
+    ("ungrounded_test_factual", "before the grounding stage, Flickr8k test"),
 ]
 STYLE_ROWS = [
     ("cross_entropy_start_flickrstyle_dev_humorous", "humorous, before (the cross-entropy model)"),
@@ -87,7 +95,22 @@ def style_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"quality": quality_table, "styles": style_table}
+def grounding_table(metrics: dict) -> str:
+    lines = ["| model, photos | BLEU-4 | CIDEr | CHAIR-s | CHAIR-i | invented person or dog | tag named (tags >= 0.5) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for key, label in GROUNDING_ROWS:
+        g = metrics.get(key, {}).get("grounding")
+        if not isinstance(g, dict):
+            continue
+        scores, chair, tags = metrics[key]["coco_caption"], g.get("chair", {}), g.get("tags", {})
+        chair, tags = (x if isinstance(x, dict) else {} for x in (chair, tags))
+        lines.append(f"| {label} | {_f(scores.get('BLEU-4'))} | {_f(scores.get('CIDEr'))} | {_f(chair.get('chair_s'))} "
+                     f"| {_f(chair.get('chair_i'))} | {_pct(g['person_dog_hallucination']['person_or_dog'])} "
+                     f"| {_pct(tags.get('tag_agreement'))} |")
+    return "\n".join(lines)
+
+
+TABLES = {"quality": quality_table, "styles": style_table, "grounding": grounding_table}
 
 
 def render(readme: str, metrics: dict) -> str:

@@ -60,8 +60,11 @@ def add_serve(sub) -> None:
     p.add_argument("--db", default=DEFAULT_DB, metavar="FILE",
                    help=f"gallery database; images go in an 'images' folder beside it (default {DEFAULT_DB})")
     p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped in the package)")
+    p.add_argument("--max-queue-s", type=float, default=3.0, metavar="S",
+                   help="queue as many photos as the server captions in S seconds (measured as it runs); "
+                        "past that, HTTP 503 with Retry-After (default 3)")
     p.add_argument("--max-waiting", type=int, default=16, metavar="N",
-                   help="requests that may wait while a batch is captioned; more get HTTP 503 (default 16)")
+                   help="the queue holds at least N photos, however slow the machine (default 16)")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip captioning a test image at start (faster start, slower first request)")
     p.add_argument("--max-batch", type=int, default=16, metavar="N",
@@ -77,7 +80,7 @@ def cmd_serve(args) -> int:
     from .app import create_app
 
     try:
-        app = create_app(model_dir=args.model, db_path=args.db, max_waiting=args.max_waiting,
+        app = create_app(model_dir=args.model, db_path=args.db, max_waiting=args.max_waiting, max_queue_s=args.max_queue_s,
                          warmup=not args.no_warmup, backend=args.backend, max_batch=args.max_batch,
                          device=args.device)
     except FileNotFoundError as e:
