@@ -24,6 +24,8 @@ def _add_extract(sub) -> None:
                         "(default efficientnet-lite2, whose weights ship with the package)")
     p.add_argument("--encoder-weights", metavar="FILE",
                    help="local ImageNet weights file for the encoder (default: the packaged or torchvision weights)")
+    p.add_argument("--model", metavar="DIR", help="use this model folder's own encoder, with its fine-tuned "
+                   "last stage (the grids its decoder reads: `aicrl ground --features`); overrides --encoder")
     p.add_argument("--out", required=True, metavar="DIR", help="cache folder to write (or resume)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per encoder batch (default 32)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
@@ -48,7 +50,12 @@ def cmd_extract(args) -> int:
     from .model.encoders import build_encoder
 
     data = load_dataset(args.dataset, args.data_dir)
-    encoder = build_encoder(args.encoder, weights=args.encoder_weights)
+    if args.model:
+        from .model.captioner import Captioner
+
+        encoder = Captioner.from_pretrained(args.model, backend="torch", device="cpu").encoder
+    else:
+        encoder = build_encoder(args.encoder, weights=args.encoder_weights)
     summary = extract_features(encoder, data.image_dir, data.images(), args.out, args.batch_size,
                                args.precision, args.workers, args.device,
                                LAST_STAGE_INPUT if args.last_stage_input else GRID, args.mirror)
