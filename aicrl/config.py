@@ -34,6 +34,8 @@ class CaptionerConfig:
     num_concepts: int = 0  # concepts the decoder has embeddings for (the concept table's words + person)
     # of the beam's captions, prefer those that claim nothing the encoder rules out (Captioner._rerank)
     rerank_by_agreement: bool = False
+    concept_bonus: float = 0.0  # logits added to the words of likely concepts, times their probability
+    absent_penalty: float = 0.0  # logits taken from person / dog words where the encoder rules them out
 
     def guidance_for(self, style: str | None) -> float:
         """The style guidance weight of `style` (0 for a style a per-style table does not name)."""

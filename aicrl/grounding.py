@@ -63,6 +63,7 @@ class GroundingConfig:
     grid_dropout: float = _option(0.25, "share of photo batches shown without their grid (concepts alone)")
     epochs: int = _option(3, "epochs of cross-entropy training")
     lr: float = _option(2e-4, "Adam learning rate")
+    concept_lr: float = _option(4e-3, "learning rate of the new concept embeddings (each is seen in few batches)")
     batch_size: int = _option(32, "captions per batch")
     max_words: int = _option(25, "training captions are cut to this many words")
     dev_images: int = _option(0, "score only the first N dev images after each epoch (0: all)")
@@ -116,6 +117,20 @@ def widen(model: Captioner, words: list[str], table: ConceptTable, k: int) -> Ca
     widened.encoder_finetuned, widened.phrases = model.encoder_finetuned, model.phrases
     widened.concept_table = table
     return widened
+
+
+def init_concepts(decoder, head: tuple[np.ndarray, np.ndarray] | None, table: ConceptTable) -> None:
+    """Each concept's region starts as its ImageNet classes' direction in feature space (the mean of
+    their rows of the head, scaled like a normalised grid region): a zebra region points where zebra
+    grids point. The person (no class) keeps its random start."""
+    if head is None:
+        return
+    weight = head[0]
+    with torch.no_grad():
+        for i, word in enumerate(table.vocabulary, 1):
+            rows = weight[[c for c, w in enumerate(table.words) if w == word]].mean(0)
+            rows = (rows - rows.mean()) / (rows.std() + 1e-6)
+            decoder.concept_embed.weight[i] = torch.from_numpy(rows)
 
 
 class Batches:
@@ -202,7 +217,10 @@ def ground(cfg: GroundingConfig) -> dict:
     text_rows = [(sentence(tokenize(c)), c) for c in text]
     batches = Batches(cfg, model.vocab, photo_rows, text_rows)
     decoder = model.decoder.train()
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
+    init_concepts(decoder, head, table)
+    rest = [p for name, p in decoder.named_parameters() if not name.startswith("concept_embed")]
+    optimizer = torch.optim.Adam([{"params": rest}, {"params": decoder.concept_embed.parameters(), "lr": cfg.concept_lr}],
+                                 lr=cfg.lr)
     rng = np.random.default_rng(cfg.seed)
     F_dim = model.config.feature_dim
 

@@ -22,8 +22,8 @@ import numpy as np
 from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
-from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, beam_search, greedy,
-                        sample)
+from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, WordBonus, beam_search,
+                        greedy, sample)
 from ..phrases import OverusedPhrases
 from .concepts import Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities, top_concepts
 from .folder import ModelFolder
@@ -331,9 +331,12 @@ class Captioner:
 
     def agreement(self, hyps: list[Hypothesis], seen: Seen) -> list[dict]:
         """Each hypothesis checked against what the encoder sees (concepts.Agreement)."""
+        return [self._checker().check([self.vocab.itos[t] for t in h.tokens], seen) for h in hyps]
+
+    def _checker(self) -> Agreement:
         if not hasattr(self, "_agreement"):
             self._agreement = Agreement(self.concept_table)
-        return [self._agreement.check([self.vocab.itos[t] for t in h.tokens], seen) for h in hyps]
+        return self._agreement
 
     def _rerank(self, hyps: list[Hypothesis], seen: Seen, n_best: int) -> list[Hypothesis]:
         """The beam's captions, those that claim nothing the encoder rules out first, then those
@@ -343,10 +346,13 @@ class Captioner:
         return [hyps[i] for i in order[:n_best]]
 
     def generation_options(self, n: int, beam_size: int = 3, n_best: int = 1, style: str | None = None,
-                           max_length: int | None = None, guidance: float | None = None) -> GenerationOptions:
+                           max_length: int | None = None, guidance: float | None = None,
+                           seen: list[Seen] | None = None) -> GenerationOptions:
         """How `decode` decodes `n` images: the config's defaults and the per-word rules. A styled
         caption is contrasted with the default (factual) one (StyleGuidance) and kept off the style's
-        stock phrases (aicrl/phrases.py); no caption loops over its content words (NoRepeats)."""
+        stock phrases (aicrl/phrases.py); no caption loops over its content words (NoRepeats). With
+        what the encoder sees (`seen`) and config.concept_bonus / absent_penalty, the words of likely
+        concepts gain and people and dogs it rules out lose (WordBonus)."""
         styles = self.style_ids(style, n)
         styled = styles is not None and style not in (None, "", self.styles[0])
         guidance = self.config.guidance_for(style) if guidance is None else guidance
@@ -356,6 +362,9 @@ class Captioner:
             processors.append(phrases)
         if styled and guidance > 0:
             processors.append(StyleGuidance(guidance))
+        if seen and (self.config.concept_bonus or self.config.absent_penalty):
+            processors.append(WordBonus(self._checker().word_bonus(seen, self.vocab.stoi, self.config.concept_bonus,
+                                                                  self.config.absent_penalty)))
         return GenerationOptions(self.vocab.start, self.vocab.end, max_length or self.config.max_length, beam_size,
                                  n_best, self.config.length_penalty, styles,
                                  np.zeros_like(styles) if styled and guidance > 0 else None, processors=processors)
@@ -366,8 +375,8 @@ class Captioner:
         """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch.
         `variants` > 1: that many different captions per image, best first (see `_variants`)."""
         features = features.float().cpu().numpy() if hasattr(features, "detach") else np.asarray(features, np.float32)
-        options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance)
         seen = self.seen(features)
+        options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance, seen)
         options.concepts = self.concepts(seen)
         steps = self.steps()
         if variants == 1:

@@ -269,3 +269,24 @@ class Agreement:
         missed = [self.names[i - 1] for i in confident if i not in named]
         confidence = (1 - len(unsupported) / max(1, len(checked))) * (1 - len(missed) / max(1, len(confident)))
         return {"confidence": round(confidence, 3), "unsupported": unsupported, "missed": missed}
+
+    def word_bonus(self, seen: list[Seen], stoi: dict[str, int], bonus: float, penalty: float,
+                   likely: float = 0.3) -> np.ndarray:
+        """(B, V) logit changes for decoding: the words of a concept the encoder finds likely (p >= `likely`)
+        gain `bonus` * p; person words lose `penalty` where the probe rules a person out, and dog
+        words where the head gives a dog almost nothing (Agreement's thresholds)."""
+        words_of: dict[int, list[int]] = {}
+        for form, concept in self.find.forms.items():
+            if len(form) == 1 and form[0] in stoi:
+                words_of.setdefault(concept, []).append(stoi[form[0]])
+        person_ids = [stoi[w] for w in PERSON_WORDS if w in stoi]
+        dog = self.names.index("dog") + 1 if "dog" in self.names else None
+        out = np.zeros((len(seen), max(stoi.values()) + 1), np.float32)
+        for b, s in enumerate(seen):
+            for i in np.flatnonzero(s.words >= likely):
+                out[b, words_of.get(i + 1, [])] += bonus * s.words[i]
+            if s.person is not None and s.person < self.PERSON_ABSENT:
+                out[b, person_ids] -= penalty
+            if dog is not None and s.words[dog - 1] < self.OBJECT_ABSENT:
+                out[b, words_of.get(dog, [])] -= penalty
+        return out
