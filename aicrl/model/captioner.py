@@ -141,9 +141,12 @@ class Captioner:
             raise AttributeError("this Captioner runs on ONNX Runtime; load it with backend='torch' for "
                                  "the torch modules")
         if self._encoder is None:  # built lazily: training from cached features never needs it
+            import torch
+
             from .encoders import build_encoder
 
-            self._encoder = build_encoder(self.config.encoder).eval().to(self.device)
+            with torch.random.fork_rng():  # building draws random weights: leave the caller's stream as it was
+                self._encoder = build_encoder(self.config.encoder).eval().to(self.device)
         return self._encoder
 
     @property
@@ -311,8 +314,10 @@ class Captioner:
         """What the encoder sees in each grid (B, R, F): the concept table's word probabilities (from
         the ImageNet head) and P(person) (the person probe; None without one). None where the model
         has no concept table or head."""
+        if self.concept_table is None:
+            return None
         head = self.classifier()
-        if head is None or self.concept_table is None:
+        if head is None:
             return None
         probs = imagenet_probabilities(head, np.asarray(features, dtype=np.float32))
         words = self.concept_table.word_probabilities(probs)
