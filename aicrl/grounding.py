@@ -173,7 +173,9 @@ def ground(cfg: GroundingConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    # "dataset" and "stage" as training.py's settings have them: the model card reads the dataset
+    (out / "train_config.json").write_text(json.dumps({"stage": "grounding", "dataset": "flickr8k"} | asdict(cfg),
+                                                      indent=2) + "\n")
     base = Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu")
     table = ConceptTable.read(cfg.concepts)
     data = load_dataset("flickr8k", cfg.data_dir)

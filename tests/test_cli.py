@@ -45,9 +45,9 @@ def test_caption_json_lines(capsys):
                  "--n-best", "3"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["image"] for line in lines] == [str(SAMPLES / "astronaut.jpg"), str(SAMPLES / "chelsea.jpg")]
-    for line in lines:
-        scores = [c["score"] for c in line["captions"]]
-        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    for line in lines:  # best first: claiming less that the encoder rules out, missing less, then by score
+        keys = [(len(c["unsupported"]), len(c["missed"]), -c["score"]) for c in line["captions"]]
+        assert len(keys) == 3 and keys == sorted(keys) and all(0 <= c["confidence"] <= 1 for c in line["captions"])
         assert all(c["text"] for c in line["captions"]) and line["timing_ms"]["encode"] > 0
         assert line["timing_ms"]["batch_images"] == 2  # the batch's time, divided by its images
     assert lines[1]["tags"][0]["label"] in {"Egyptian cat", "tabby", "tiger cat"}

@@ -47,8 +47,9 @@ def test_shipped_export_matches_shipped_weights():
     a, b = onnx.steps(), torch_model.steps()
     b.dtype = None  # fp32, like ONNX
     words = np.array([onnx.vocab.start, onnx.vocab.start])
-    logits_a, _, alpha_a = a.step(words, a.start(features, np.array([0, 1])))
-    logits_b, _, alpha_b = b.step(words, b.start(features, np.array([0, 1])))
+    concepts = onnx.concepts(onnx.seen(features))  # None for a model without concept regions
+    logits_a, _, alpha_a = a.step(words, a.start(features, np.array([0, 1]), 1, concepts))
+    logits_b, _, alpha_b = b.step(words, b.start(features, np.array([0, 1]), 1, concepts))
     assert np.abs(logits_a - logits_b).max() < (0.5 if manifest["int8"] else 1e-3)
     assert np.abs(alpha_a - alpha_b).max() < 1e-3
 

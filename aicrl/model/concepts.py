@@ -244,6 +244,7 @@ class Agreement:
 
     PERSON_ABSENT = 0.25  # P(person) below this: a person in the caption is unsupported
     OBJECT_ABSENT = 0.02  # an object class below this: unsupported
+    DOG_ABSENT = 0.15  # 120 dog breeds gather some probability in any photo; on a dog photo it is near 1
     CONFIDENT = 0.5  # a concept at or above this should be named
 
     def __init__(self, table: ConceptTable):
@@ -261,7 +262,7 @@ class Agreement:
         unsupported, missed = [], []
         for i in checked:
             support = seen.person if i == self.person else seen.words[i - 1]
-            if support < (self.PERSON_ABSENT if i == self.person else self.OBJECT_ABSENT):
+            if support < self._absent(i):
                 unsupported.append(self.names[i - 1])
         confident = [i + 1 for i in np.flatnonzero(seen.words >= self.CONFIDENT)]
         if seen.person is not None and seen.person >= self.CONFIDENT:
@@ -269,6 +270,12 @@ class Agreement:
         missed = [self.names[i - 1] for i in confident if i not in named]
         confidence = (1 - len(unsupported) / max(1, len(checked))) * (1 - len(missed) / max(1, len(confident)))
         return {"confidence": round(confidence, 3), "unsupported": unsupported, "missed": missed}
+
+    def _absent(self, concept: int) -> float:
+        """Below this probability a concept named by a caption is unsupported."""
+        if concept == self.person:
+            return self.PERSON_ABSENT
+        return self.DOG_ABSENT if self.names[concept - 1] == "dog" else self.OBJECT_ABSENT
 
     def word_bonus(self, seen: list[Seen], stoi: dict[str, int], bonus: float, penalty: float,
                    likely: float = 0.3) -> np.ndarray:
@@ -287,6 +294,6 @@ class Agreement:
                 out[b, words_of.get(i + 1, [])] += bonus * s.words[i]
             if s.person is not None and s.person < self.PERSON_ABSENT:
                 out[b, person_ids] -= penalty
-            if dog is not None and s.words[dog - 1] < self.OBJECT_ABSENT:
+            if dog is not None and s.words[dog - 1] < self.DOG_ABSENT:
                 out[b, words_of.get(dog, [])] -= penalty
         return out
