@@ -561,7 +561,7 @@ def _train(cfg: TrainConfig, resume: bool, device: torch.device, rank: int, worl
                         "dev_BLEU-4": round(dev["BLEU-4"], 4), "dev_CIDEr": round(dev["CIDEr"], 4),
                         "dev_words": int(dev["words"]), "dev_captions": int(dev["captions"]),
                         "lr": optimizer.param_groups[0]["lr"], "train_seconds": round(train_seconds, 1),
-                        "train_cpu_seconds": round(train_cpu_seconds, 1), "seconds": round(time.perf_counter() - t0, 1),
+                        "train_cpu_seconds": round(train_cpu_seconds, 3), "seconds": round(time.perf_counter() - t0, 1),
                         "captions_per_s": round(steps * per_step * world / train_seconds, 1)})
         progress["epoch"] = epoch
         if main_process:
