@@ -136,8 +136,8 @@ def init_concepts(decoder, head: tuple[np.ndarray, np.ndarray] | None, table: Co
 class Batches:
     """The stage's training batches: (kind, rows) with kind "photo", "concepts only" or "text"."""
 
-    def __init__(self, cfg: GroundingConfig, vocab: Vocabulary, photo_rows: list, text_rows: list):
-        self.cfg, self.vocab, self.photo_rows, self.text_rows = cfg, vocab, photo_rows, text_rows
+    def __init__(self, cfg: GroundingConfig, photo_rows: list, text_rows: list):
+        self.cfg, self.photo_rows, self.text_rows = cfg, photo_rows, text_rows
 
     def epoch(self, epoch: int) -> list[tuple[str, list]]:
         rng = np.random.default_rng(self.cfg.seed * 1000 + epoch)
@@ -167,7 +167,88 @@ def text_concepts(found: list[list[int]], person: int, k: int, rng: np.random.Ge
     return ids, probs
 
 
+@dataclass
+class GroundingRun:
+    """What the stage trains on, prepared once: the widened model, the grids and concepts of the
+    Flickr8k photos in memory, and the batches."""
+    cfg: GroundingConfig
+    model: Captioner
+    grids: dict[str, np.ndarray]  # image -> (regions, dim) float16
+    concepts_of: dict[str, tuple[np.ndarray, np.ndarray]]  # training image -> (K ids, K probabilities)
+    style_id: dict[str, int]
+    batches: Batches
+    dev_images: list[str]
+    dev_refs: dict[str, list[str]]
+    rng: np.random.Generator
+
+    def loss(self, kind: str, rows: list) -> torch.Tensor:
+        """Cross-entropy of one batch: photo rows (image, style, caption) with or without their grid,
+        or text rows (concept ids, caption) without a photo."""
+        cfg, vocab, decoder = self.cfg, self.model.vocab, self.model.decoder
+        no_grid = torch.zeros(len(rows), 0, self.model.config.feature_dim)
+        if kind == "text":
+            ids, probs = text_concepts([r[0] for r in rows], self.model.config.num_concepts, cfg.concept_tokens,
+                                       self.rng)
+            feats, styles, captions = no_grid, torch.zeros(len(rows), dtype=torch.long), [r[1] for r in rows]
+        else:
+            images = [r[0] for r in rows]
+            ids, probs = map(np.stack, zip(*(self.concepts_of[n] for n in images)))
+            feats = torch.from_numpy(np.stack([self.grids[n] for n in images])).float() if kind == "photo" else no_grid
+            styles, captions = torch.tensor([self.style_id[r[1]] for r in rows]), [r[2] for r in rows]
+        tokens = pad([vocab.encode(c, cfg.max_words) for c in captions], vocab.pad)
+        logits, alphas = decoder(feats, tokens, styles if decoder.style_embed is not None else None,
+                                 (torch.from_numpy(ids), torch.from_numpy(probs)))
+        return caption_loss(logits, alphas, tokens[:, 1:], vocab.pad, attention_penalty=0.0)
+
+    def evaluate_dev(self) -> dict:
+        """Dev BLEU-4 and CIDEr of beam search, and how many distinct words and captions it wrote."""
+        self.model.decoder.eval()
+        preds = caption_images(self.model, self.dev_images,
+                               lambda chunk: np.stack([self.grids[n] for n in chunk]).astype(np.float32),
+                               self.cfg.eval_beam, batch_size=100, progress=False)
+        varied = diversity(preds)
+        return quick_scores(preds, self.dev_refs) | {"words": varied["distinct_words"],
+                                                      "captions": varied["distinct_captions"]}
+
+
+def prepare(cfg: GroundingConfig) -> GroundingRun:
+    """Steps 1-3 of the module docstring, and the batches of step 4."""
+    table = ConceptTable.read(cfg.concepts)
+    data = load_dataset("flickr8k", cfg.data_dir)
+    text = [json.loads(line)["caption"] for line in Path(cfg.text_file).read_text().splitlines() if line.strip()] \
+        if cfg.text_file else []
+    counts = Counter(w for c in text for w in tokenize(c))
+    new_words = sorted((w for w, n in counts.items() if n >= cfg.min_freq), key=lambda w: (-counts[w], w))
+    new_words += [w for name in concept_names(table) for w in name.split()]
+    model = widen(Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu"), new_words, table,
+                  cfg.concept_tokens)
+
+    train_images, dev_images = data.images("train"), data.images("dev")[: cfg.dev_images or None]
+    grids = dict(zip(train_images + dev_images, FeatureCache(cfg.features).get(train_images + dev_images).numpy()))
+    head = model.classifier()
+    probs = np.concatenate([imagenet_probabilities(head, np.stack([grids[n] for n in train_images[i:i + 500]]))
+                            for i in range(0, len(train_images), 500)])
+    refs = data.references("train")
+    model.person_head, accuracy = fit_person_head(probs, [refs[n] for n in train_images])
+    log.info("person probe: %.3f training accuracy", accuracy)
+    ids, weights = top_concepts(table.word_probabilities(probs), model.person_head(probs), cfg.concept_tokens)
+    init_concepts(model.decoder, head, table)
+
+    style_id = {s: i for i, s in enumerate(model.styles)}
+    photo_rows = [(r.image, FACTUAL, r.caption) for r in data.select("train")]
+    if cfg.style_file:
+        styled = read_style_jsonl(cfg.style_file, data.image_dir)
+        photo_rows += [(r.image, r.style, r.caption) for r in styled.select("train") if r.style in style_id]
+    sentence = SentenceConcepts(table)
+    text_rows = [(sentence(tokenize(c)), c) for c in text]
+    return GroundingRun(cfg, model, grids, {n: (ids[i], weights[i]) for i, n in enumerate(train_images)}, style_id,
+                        Batches(cfg, photo_rows, text_rows), dev_images, data.references("dev"),
+                        np.random.default_rng(cfg.seed))
+
+
 def ground(cfg: GroundingConfig) -> dict:
+    """The stage, top to bottom: prepare, then epochs of [train, evaluate on dev, keep the best,
+    checkpoint]. Rerun after a kill: it continues after the last finished epoch."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -176,112 +257,38 @@ def ground(cfg: GroundingConfig) -> dict:
     # "dataset" and "stage" as training.py's settings have them: the model card reads the dataset
     (out / "train_config.json").write_text(json.dumps({"stage": "grounding", "dataset": "flickr8k"} | asdict(cfg),
                                                       indent=2) + "\n")
-    base = Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu")
-    table = ConceptTable.read(cfg.concepts)
-    data = load_dataset("flickr8k", cfg.data_dir)
-    styled = read_style_jsonl(cfg.style_file, data.image_dir) if cfg.style_file else None
-    text = [json.loads(line)["caption"] for line in Path(cfg.text_file).read_text().splitlines() if line.strip()] \
-        if cfg.text_file else []
-
-    # 1-3: vocabulary, person probe, concept regions
-    counts = Counter(w for c in text for w in tokenize(c))
-    names = concept_names(table)
-    new_words = sorted((w for w, n in counts.items() if n >= cfg.min_freq), key=lambda w: (-counts[w], w))
-    new_words += [w for name in names for w in name.split()]
-    model = widen(base, new_words, table, cfg.concept_tokens)
-    cache = FeatureCache(cfg.features)
-    train_images, dev_images = data.images("train"), data.images("dev")[: cfg.dev_images or None]
-    grids = {n: g for n, g in zip(train_images + dev_images,
-                                  cache.get(train_images + dev_images).numpy())}  # float16, in memory
-    refs = data.references("train")
-    head = model.classifier()
-    train_probs = np.concatenate([imagenet_probabilities(head, np.stack([grids[n] for n in train_images[i:i + 500]]))
-                                  for i in range(0, len(train_images), 500)])
-    model.person_head, accuracy = fit_person_head(train_probs, [refs[n] for n in train_images])
-    log.info("person probe: %.3f training accuracy", accuracy)
-
-    def photo_concepts(images: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        probs = imagenet_probabilities(head, np.stack([grids[n] for n in images]).astype(np.float32))
-        return top_concepts(table.word_probabilities(probs), model.person_head(probs), cfg.concept_tokens)
-
-    concepts_of = {}
-    for i in range(0, len(train_images), 500):
-        chunk = train_images[i:i + 500]
-        ids, probs = photo_concepts(chunk)
-        concepts_of.update({n: (ids[j], probs[j]) for j, n in enumerate(chunk)})
-
-    # 4: the batches
-    style_id = {s: i for i, s in enumerate(model.styles)}
-    photo_rows = [(r.image, FACTUAL, r.caption) for r in data.select("train")]
-    if styled is not None:
-        photo_rows += [(r.image, r.style, r.caption) for r in styled.select("train") if r.style in style_id]
-    sentence = SentenceConcepts(table)
-    text_rows = [(sentence(tokenize(c)), c) for c in text]
-    batches = Batches(cfg, model.vocab, photo_rows, text_rows)
-    decoder = model.decoder.train()
-    init_concepts(decoder, head, table)
+    run = prepare(cfg)
+    decoder = run.model.decoder
     rest = [p for name, p in decoder.named_parameters() if not name.startswith("concept_embed")]
     optimizer = torch.optim.Adam([{"params": rest}, {"params": decoder.concept_embed.parameters(), "lr": cfg.concept_lr}],
                                  lr=cfg.lr)
-    rng = np.random.default_rng(cfg.seed)
-    F_dim = model.config.feature_dim
-
-    def batch_loss(kind: str, rows: list) -> torch.Tensor:
-        if kind == "text":
-            concepts = text_concepts([r[0] for r in rows], len(names), cfg.concept_tokens, rng)
-            feats = torch.zeros(len(rows), 0, F_dim)
-            styles = torch.zeros(len(rows), dtype=torch.long)
-            captions = [r[1] for r in rows]
-        else:
-            images = [r[0] for r in rows]
-            ids, probs = map(np.stack, zip(*(concepts_of[n] for n in images)))
-            concepts = (ids, probs)
-            feats = torch.from_numpy(np.stack([grids[n] for n in images])).float() if kind == "photo" \
-                else torch.zeros(len(rows), 0, F_dim)
-            styles = torch.tensor([style_id[r[1]] for r in rows])
-            captions = [r[2] for r in rows]
-        tokens = pad([model.vocab.encode(c, cfg.max_words) for c in captions], model.vocab.pad)
-        concepts = (torch.from_numpy(concepts[0]), torch.from_numpy(concepts[1]))
-        logits, alphas = decoder(feats, tokens, styles if decoder.style_embed is not None else None, concepts)
-        return caption_loss(logits, alphas, tokens[:, 1:], model.vocab.pad, attention_penalty=0.0)
-
-    # 5: epochs, resumable
-    checkpoint, history, start_epoch, best = out / "checkpoint.pt", [], 1, -1.0
+    checkpoint, history = out / "checkpoint.pt", []
     if checkpoint.exists():
         saved = torch.load(checkpoint, weights_only=True)
         decoder.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        history, start_epoch = json.loads(saved["history"]), saved["epoch"] + 1
-        best = max((h["CIDEr"] for h in history), default=-1.0)
-        rng = np.random.default_rng(cfg.seed + saved["epoch"])
-    dev_refs = data.references("dev")
-    for epoch in range(start_epoch, cfg.epochs + 1):
+        history, run.rng = json.loads(saved["history"]), np.random.default_rng(cfg.seed + saved["epoch"])
+    best = max((h["CIDEr"] for h in history), default=-1.0)
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
         started, losses = time.time(), []
         decoder.train()
-        for kind, rows in tqdm(batches.epoch(epoch)[: cfg.max_batches or None], desc=f"grounding epoch {epoch}",
+        for kind, rows in tqdm(run.batches.epoch(epoch)[: cfg.max_batches or None], desc=f"grounding epoch {epoch}",
                                mininterval=30):
-            loss = batch_loss(kind, rows)
+            loss = run.loss(kind, rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
             optimizer.step()
             losses.append(loss.item())
-        decoder.eval()
-        preds = caption_images(model, dev_images, lambda chunk: np.stack([grids[n] for n in chunk]).astype(np.float32),
-                               cfg.eval_beam, batch_size=100, progress=False)
-        scores = quick_scores(preds, dev_refs)
-        varied = diversity(preds)
-        row = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4), **scores,
-               "words": varied["distinct_words"], "captions": varied["distinct_captions"],
+        row = {"epoch": epoch, "loss": round(float(np.mean(losses)), 4), **run.evaluate_dev(),
                "seconds": round(time.time() - started)}
         history.append(row)
-        log.info("%s", row)
         print(json.dumps(row), flush=True)
-        if scores["CIDEr"] > best:
-            best = scores["CIDEr"]
-            model.save_pretrained(out / "best", metrics={"dev": row, "epoch": epoch})
+        if row["CIDEr"] > best:
+            best = row["CIDEr"]
+            run.model.save_pretrained(out / "best", metrics={"dev": row, "epoch": epoch})
         torch.save({"model": decoder.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                     "history": json.dumps(history)}, checkpoint.with_suffix(".tmp"))
-        checkpoint.with_suffix(".tmp").replace(checkpoint)
+        checkpoint.with_suffix(".tmp").replace(checkpoint)  # a kill never leaves half a checkpoint
         (out / "log.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
     return {"history": history, "best_CIDEr": best}
