@@ -477,19 +477,25 @@ def test_small_size_limit_and_cross_origin_posts(web_model_dir, web_captioner, t
         assert same.status_code == 200
 
 
+class SlowCaptioner:
+    """The test model, holding each caption call until `release` is set (`started` says one began)."""
+
+    def __init__(self, captioner):
+        self.captioner, self.started, self.release = captioner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.captioner, name)
+
+    def caption(self, *args, **kwargs):
+        self.started.set()
+        self.release.wait(30)
+        return self.captioner.caption(*args, **kwargs)
+
+
 def test_busy_server_answers_503_instead_of_queueing_without_bound(web_model_dir, web_captioner, tmp_path):
-    started, release = threading.Event(), threading.Event()
-
-    class SlowCaptioner:
-        def __getattr__(self, name):
-            return getattr(web_captioner, name)
-
-        def caption(self, *args, **kwargs):
-            started.set()
-            release.wait(30)
-            return web_captioner.caption(*args, **kwargs)
-
-    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=SlowCaptioner(), max_waiting=0)
+    slow = SlowCaptioner(web_captioner)
+    started, release = slow.started, slow.release
+    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=slow, max_waiting=0)
 
     async def scenario():
         transport = httpx.ASGITransport(app=app)
@@ -518,18 +524,9 @@ def test_busy_server_answers_503_instead_of_queueing_without_bound(web_model_dir
 def test_the_queue_holds_what_the_server_captions_in_a_few_seconds(web_model_dir, web_captioner, tmp_path):
     """With 0.1 s per image measured and max_queue_s=0.5, five requests wait for a running batch;
     the sixth gets 503 with a Retry-After of the work ahead."""
-    started, release = threading.Event(), threading.Event()
-
-    class SlowCaptioner:
-        def __getattr__(self, name):
-            return getattr(web_captioner, name)
-
-        def caption(self, *args, **kwargs):
-            started.set()
-            release.wait(30)
-            return web_captioner.caption(*args, **kwargs)
-
-    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=SlowCaptioner(),
+    slow = SlowCaptioner(web_captioner)
+    started, release = slow.started, slow.release
+    app = create_app(model_dir=web_model_dir, db_path=tmp_path / "g.db", captioner=slow,
                      max_waiting=1, max_queue_s=0.5, max_batch=8, batch_wait_ms=1)
     app.state.runner.observe(0.8, 8)  # as if a batch of 8 had taken 0.8 s
     assert app.state.runner.capacity == 5
