@@ -106,7 +106,7 @@ class Captioner:
         self.device = "cpu"  # where the torch modules run (ONNX Runtime runs on the CPU)
         self.phrases: OverusedPhrases | None = None  # the styles' stock phrases (phrases.json)
         self.concept_table: ConceptTable | None = None  # ImageNet classes as caption words (concepts.json)
-        self.person_head: PersonHead | None = None  # P(person) from the grid (grounded models)
+        self.person_head: PersonHead | None = None  # P(person) from the ImageNet class probabilities
 
     def to(self, device) -> "Captioner":
         """Move the torch modules to a device (a torch.device or 'cpu', 'cuda', ...); returns itself."""
