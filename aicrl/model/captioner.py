@@ -376,11 +376,11 @@ class Captioner:
 
     def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                max_length: int | None = None, guidance: float | None = None,
-               variants: int = 1) -> list[list[Hypothesis]]:
+               variants: int = 1, seen: list[Seen] | None = None) -> list[list[Hypothesis]]:
         """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch.
         `variants` > 1: that many different captions per image, best first (see `_variants`)."""
         features = features.float().cpu().numpy() if hasattr(features, "detach") else np.asarray(features, np.float32)
-        seen = self.seen(features)
+        seen = seen if seen is not None else self.seen(features)
         options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance, seen)
         options.concepts = self.concepts(seen)
         steps = self.steps()
@@ -409,8 +409,9 @@ class Captioner:
         head = self.classifier()  # the tags come from the same features
         tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
         t1 = time.perf_counter()
-        hyps = self.decode(features, beam_size, n_best, style, max_length, variants=variants)
-        seen = self.seen(features) or [None] * len(hyps)
+        seen = self.seen(features)  # once: decoding and the check below both read it
+        hyps = self.decode(features, beam_size, n_best, style, max_length, variants=variants, seen=seen)
+        seen = seen or [None] * len(hyps)
         t2 = time.perf_counter()
         timing = {"encode": round((t1 - t0) * 1000 / len(images), 1),
                   "decode": round((t2 - t1) * 1000 / len(images), 1)}

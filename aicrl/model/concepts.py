@@ -277,15 +277,21 @@ class Agreement:
             return self.PERSON_ABSENT
         return self.DOG_ABSENT if self.names[concept - 1] == "dog" else self.OBJECT_ABSENT
 
+    def _word_ids(self, stoi: dict[str, int]) -> dict[int, list[int]]:
+        """Concept -> the vocabulary ids of its one-word forms; built once per vocabulary."""
+        if getattr(self, "_ids_for", None) is not stoi:
+            self._ids_for, self._ids = stoi, {}
+            for form, concept in self.find.forms.items():
+                if len(form) == 1 and form[0] in stoi:
+                    self._ids.setdefault(concept, []).append(stoi[form[0]])
+        return self._ids
+
     def word_bonus(self, seen: list[Seen], stoi: dict[str, int], bonus: float, penalty: float,
                    likely: float = 0.3) -> np.ndarray:
         """(B, V) logit changes for decoding: the words of a concept the encoder finds likely (p >= `likely`)
         gain `bonus` * p; person words lose `penalty` where the probe rules a person out, and dog
         words where the head gives a dog almost nothing (Agreement's thresholds)."""
-        words_of: dict[int, list[int]] = {}
-        for form, concept in self.find.forms.items():
-            if len(form) == 1 and form[0] in stoi:
-                words_of.setdefault(concept, []).append(stoi[form[0]])
+        words_of = self._word_ids(stoi)
         person_ids = [stoi[w] for w in PERSON_WORDS if w in stoi]
         dog = self.names.index("dog") + 1 if "dog" in self.names else None
         out = np.zeros((len(seen), max(stoi.values()) + 1), np.float32)
