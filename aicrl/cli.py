@@ -358,6 +358,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--style-guidance", type=float, metavar="W", help=STYLE_GUIDANCE_HELP)
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (default 0 = all)")
     p.add_argument("--out", metavar="FILE", help="also write the results JSON to this file")
+    p.add_argument("--captions", metavar="FILE", help="also write every caption, {image: caption} JSON (for "
+                   "reading them, or a blind rating: docs/blind_rating.md)")
     p.add_argument("--save-to-model", action="store_true",
                    help="also record the results in the model folder's metrics.json")
     add_backend(p, default="torch")
@@ -368,7 +370,7 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
     from .evaluation import (caption_images, evaluate_factual, evaluate_style, features_source,
-                             fit_style_classifier)
+                             fit_style_classifier, fluency_scores)
     from .hallucination import grounding, recording_probabilities, synonyms_path
     from .model.captioner import Captioner, default_model_dir
     from .model.concepts import ConceptTable
@@ -400,6 +402,9 @@ def cmd_evaluate(args) -> int:
         result = evaluate_style(preds, refs, data.references(split), args.style, classifier)
         result["classifier_accuracy_on_human_captions"] = classifier.accuracy(
             [r.caption for r in held_out], [r.style for r in held_out])
+        # the fluency judge on these captions and on people's (the first reference of each image)
+        result["fluency"] = fluency_scores(captioner, preds)
+        result["fluency_of_human_captions"] = fluency_scores(captioner, {i: refs[i][0] for i in names})
         settings["split"] = f"FlickrStyle {split}"
     else:
         refs = data.references(args.split)
@@ -407,12 +412,14 @@ def cmd_evaluate(args) -> int:
         probabilities: dict = {}
         features_of = recording_probabilities(features_of, captioner.classifier(), probabilities)
         preds = caption_images(captioner, names, features_of, args.beam_size)
-        result = evaluate_factual(preds, refs)
+        result = evaluate_factual(preds, refs) | {"fluency": fluency_scores(captioner, preds)}
         table = ConceptTable.load(args.model or default_model_dir())
         result["grounding"] = grounding(preds, refs, synonyms_file, probabilities, table)
         settings["split"] = args.split
     result = settings | result | {"examples": dict(list(preds.items())[:5])}
     text = json.dumps(result, indent=2)
+    if args.captions:
+        Path(args.captions).write_text(json.dumps(preds, indent=1) + "\n")
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.save_to_model:
@@ -514,6 +521,63 @@ def cmd_fit_phrases(args) -> int:
 TORCH_COMMANDS = ("train", "search", "ground")  # their options come from TrainConfig, in the torch-importing training.py
 
 
+def _add_fit_fluency(sub) -> None:
+    p = sub.add_parser("fit-fluency", help="train the fluency judge that reranks styled captions",
+                       description="Train a word-level LSTM language model of human captions on the model's "
+                       "vocabulary; its judge of a caption is the caption's weakest word (the lowest SLOR: "
+                       "log p(word | the words before) - log p(word)), mapped to P(well-formed) by a logistic "
+                       "fit on dev captions against the same captions broken on purpose "
+                       "(aicrl/fluency_training.py). Saved in the model folder as fluency.onnx: decoding then "
+                       "reranks styled captions and variants by it (config fluency_weight), and `aicrl "
+                       "evaluate` reports it. Needs aicrl[train] (torch).")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="Flickr8k folder: its train captions "
+                   "teach the judge, its dev captions calibrate it")
+    p.add_argument("--style-file", metavar="FILE", help="styled captions jsonl (FlickrStyle7k format), split the same "
+                   "way; its train captions are seen --style-repeat times an epoch")
+    p.add_argument("--style-repeat", type=int, default=3, metavar="N", help="(default 3: styled captions are fewer)")
+    p.add_argument("--text-file", metavar="FILE", help="more human captions, one {\"caption\": ...} per line "
+                   "(e.g. the COCO caption text), all for training")
+    p.add_argument("--epochs", type=int, default=2, metavar="N", help="epochs (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_fit_fluency)
+
+
+def cmd_fit_fluency(args) -> int:
+    from .model.captioner import torch_available
+
+    if not torch_available():
+        sys.exit("aicrl fit-fluency needs torch: pip install 'aicrl[train]'")
+    import torch
+
+    from .data.datasets import load_dataset, read_style_jsonl
+    from .data.vocab import Vocabulary
+    from .fluency_training import export_fluency, fit_fluency
+    from .model.captioner import default_model_dir
+    from .model.folder import ModelFolder
+
+    folder = ModelFolder(args.model or default_model_dir())
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    data = load_dataset("flickr8k", args.data_dir)
+    train = [r.caption for r in data.select("train")]
+    dev = [r.caption for r in data.select("dev")]
+    if args.style_file:
+        styled = read_style_jsonl(args.style_file, data.image_dir)
+        train += [r.caption for r in styled.select("train")] * args.style_repeat
+        dev += [r.caption for r in styled.select("dev")]
+    if args.text_file:
+        train += [json.loads(line)["caption"] for line in Path(args.text_file).read_text().splitlines() if line.strip()]
+    fit = fit_fluency(Vocabulary.load(folder.vocab), train, dev, epochs=args.epochs, seed=args.seed,
+                      log=lambda line: print(line, file=sys.stderr))
+    export_fluency(fit.net, folder.fluency)
+    result = {"fluency_judge": {"dev_perplexity": round(fit.dev_perplexity, 2), "dev_accuracy": round(fit.dev_accuracy, 4),
+                                "train_captions": len(train), "dev_captions": len(dev), "epochs": args.epochs,
+                                "seconds": round(fit.seconds)}}
+    folder.merge_metrics(result)
+    print(json.dumps(result | {"file": str(folder.fluency)}, indent=2))
+    return 0
+
+
 def _add_stub(sub, name: str, help: str) -> None:
     """train/search listed by `aicrl --help` without importing torch; parsed for real when used."""
     sub.add_parser(name, help=help, add_help=False)
@@ -525,7 +589,8 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
         "attention LSTM decoder. Caption photos, train and evaluate models, serve the web app.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export, _add_fit_phrases):
+    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export, _add_fit_phrases,
+                _add_fit_fluency):
         add(sub)
     if full:
         _add_train(sub)

@@ -36,6 +36,12 @@ class CaptionerConfig:
     rerank_by_agreement: bool = False
     concept_bonus: float = 0.0  # logits added to the words of likely concepts, times their probability
     absent_penalty: float = 0.0  # logits taken from person / dog words where the encoder rules them out
+    # styled captions and variants: rerank by score + w * log P(well-formed), the fluency judge's verdict
+    # (fluency.onnx, aicrl/fluency.py); 0 or no judge: by score alone
+    fluency_weight: float = 0.0
+    # with the judge, a styled beam is also run at these fractions of the style's guidance, and the
+    # rerank picks among all their captions: a gentler push is often the sentence that holds together
+    fluency_pool: list[float] = field(default_factory=list)
 
     def guidance_for(self, style: str | None) -> float:
         """The style guidance weight of `style` (0 for a style a per-style table does not name)."""

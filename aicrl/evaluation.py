@@ -210,6 +210,15 @@ def grammar_error_rate(predictions: dict[str, str]) -> float:
 
 # ----------------------------------------------------------------------------- whole splits
 
+def fluency_scores(captioner, predictions: dict[str, str]) -> dict[str, float]:
+    """The model folder's fluency judge on the captions (aicrl/fluency.py): mean P(well-formed) and
+    the share it judges well-formed (P >= 0.5); {} when the folder has no judge."""
+    if captioner.fluency is None or not predictions:
+        return {}
+    p = captioner.fluency.score(list(predictions.values()), captioner.vocab.stoi, captioner.vocab.unk)
+    return {"mean": round(float(p.mean()), 4), "fluent": round(float((p >= 0.5).mean()), 4)}
+
+
 def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], Any],
                    beam_size: int = 3, style: str | None = None, batch_size: int = 50,
                    progress: bool = True) -> dict[str, str]:

@@ -10,6 +10,7 @@ This module imports torch only when the torch backend is used.
 """
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import numpy as np
 from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
+from ..fluency import FluencyJudge
 from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, WordBonus, beam_search,
                         greedy, sample)
 from ..phrases import OverusedPhrases
@@ -107,6 +109,7 @@ class Captioner:
         self.phrases: OverusedPhrases | None = None  # the styles' stock phrases (phrases.json)
         self.concept_table: ConceptTable | None = None  # ImageNet classes as caption words (concepts.json)
         self.person_head: PersonHead | None = None  # P(person) from the ImageNet class probabilities
+        self.fluency: FluencyJudge | None = None  # P(well-formed) of a caption (fluency.onnx)
 
     def to(self, device) -> "Captioner":
         """Move the torch modules to a device (a torch.device or 'cpu', 'cuda', ...); returns itself."""
@@ -204,6 +207,8 @@ class Captioner:
             self.concept_table.save(folder.path)
         if self.person_head is not None:
             self.person_head.save(folder.path)
+        if self.fluency is not None and self.fluency.path.resolve() != folder.fluency.resolve():
+            shutil.copyfile(self.fluency.path, folder.fluency)  # it reads this vocabulary's word ids
         if metrics is not None:
             folder.write_metrics(metrics)
         if command is not None:
@@ -221,6 +226,7 @@ class Captioner:
         model.phrases = OverusedPhrases.load(path or default_model_dir())
         model.concept_table = ConceptTable.load(path or default_model_dir())
         model.person_head = PersonHead.load(path or default_model_dir())
+        model.fluency = FluencyJudge.load(path or default_model_dir())
         return model
 
     @classmethod
@@ -343,11 +349,22 @@ class Captioner:
             self._agreement = Agreement(self.concept_table)
         return self._agreement
 
-    def _rerank(self, hyps: list[Hypothesis], seen: Seen, n_best: int) -> list[Hypothesis]:
+    def _fluency_bonus(self, hyps: list[Hypothesis]) -> np.ndarray:
+        """config.fluency_weight * log P(well-formed) of each hypothesis (0s without a judge)."""
+        if self.fluency is None or not self.config.fluency_weight or not hyps:
+            return np.zeros(len(hyps), dtype=np.float32)
+        p = self.fluency.score_ids([h.tokens for h in hyps])
+        return self.config.fluency_weight * np.log(np.maximum(p, 1e-6))
+
+    def _rerank(self, hyps: list[Hypothesis], seen: Seen | None, n_best: int, fluency: bool) -> list[Hypothesis]:
         """The beam's captions, those that claim nothing the encoder rules out first, then those
-        that name what it is sure of, then by score: a plain true caption beats a fluent false one."""
-        checks = self.agreement(hyps, seen)
-        order = sorted(range(len(hyps)), key=lambda i: (len(checks[i]["unsupported"]), len(checks[i]["missed"]), i))
+        that name what it is sure of (with `seen`): a plain true caption beats a fluent false one;
+        then by score, plus the fluency judge's verdict when `fluency`."""
+        checks = self.agreement(hyps, seen) if seen is not None else [{} for _ in hyps]
+        bonus = self._fluency_bonus(hyps) if fluency else np.zeros(len(hyps))
+        order = sorted(range(len(hyps)), key=lambda i: (len(checks[i].get("unsupported", ())),
+                                                        len(checks[i].get("missed", ())),
+                                                        -(hyps[i].score + bonus[i]), i))
         return [hyps[i] for i in order[:n_best]]
 
     def generation_options(self, n: int, beam_size: int = 3, n_best: int = 1, style: str | None = None,
@@ -384,17 +401,28 @@ class Captioner:
         options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance, seen)
         options.concepts = self.concepts(seen)
         steps = self.steps()
-        if variants == 1:
-            if beam_size == 1:
-                return [[h] for h in greedy(steps, features, options)]
-            if not (self.config.rerank_by_agreement and seen):
-                return beam_search(steps, features, options)
-            beams = beam_search(steps, features, options.replace(n_best=beam_size))
-            return [self._rerank(b, s, n_best) for b, s in zip(beams, seen)]
-        # different captions: every beam, then sampled ones; the best that differ win
+        if variants == 1 and beam_size == 1:
+            return [[h] for h in greedy(steps, features, options)]
+        agree = bool(self.config.rerank_by_agreement and seen)
+        styled = style not in (None, "", self.styles[0])
+        fluency = self.fluency is not None and bool(self.config.fluency_weight) and (variants > 1 or styled)
         beams = beam_search(steps, features, options.replace(n_best=beam_size))
+        if fluency and styled:  # more candidates for the judge: the same beam, pushed more gently
+            weight = self.config.guidance_for(style) if guidance is None else guidance
+            for fraction in self.config.fluency_pool:
+                gentler = self.generation_options(len(features), beam_size, beam_size, style, max_length,
+                                                  weight * fraction, seen)
+                gentler.concepts = options.concepts
+                beams = [b + [h for h in g if all(h.tokens != k.tokens for k in b)]
+                         for b, g in zip(beams, beam_search(steps, features, gentler))]
+        if agree or fluency:
+            beams = [self._rerank(b, s, len(b), fluency) for b, s in zip(beams, seen if agree else [None] * len(beams))]
+        if variants == 1:
+            return [b[:n_best] for b in beams]
+        # different captions: every beam, then sampled ones; the best that differ win
         drawn = sample(steps, features, options.replace(temperature=0.8, top_p=0.9), n=4 * variants)
-        return [_variants(b + d, variants) for b, d in zip(beams, drawn)]
+        return [_variants(b + d, variants, self._fluency_bonus(b + d) if fluency else None)
+                for b, d in zip(beams, drawn)]
 
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None, variants: int = 1) -> list[CaptionResult]:
@@ -426,11 +454,14 @@ class Captioner:
         return results
 
 
-def _variants(candidates: list[Hypothesis], k: int) -> list[Hypothesis]:
+def _variants(candidates: list[Hypothesis], k: int, bonus: np.ndarray | None = None) -> list[Hypothesis]:
     """The first candidate (the beam's best: what the caption is without variants), then the
-    best-scoring others whose words differ from every caption kept, up to `k`."""
+    best-scoring others (score + `bonus`, the fluency judge's) whose words differ from every caption
+    kept, up to `k`."""
+    bonus = np.zeros(len(candidates)) if bonus is None else bonus
+    rest = sorted(range(1, len(candidates)), key=lambda i: -(candidates[i].score + bonus[i]))
     chosen, seen = [], set()
-    for h in candidates[:1] + sorted(candidates[1:], key=lambda h: -h.score):
+    for h in candidates[:1] + [candidates[i] for i in rest]:
         words = frozenset(h.tokens)
         if h.tokens and words not in seen:
             chosen.append(h)

@@ -13,6 +13,7 @@
     classifier.npz       the encoder's ImageNet head, for tags on ONNX Runtime (aicrl/model/tags.py)
     concepts.json        ImageNet classes as caption words (aicrl/model/concepts.py, build_concepts.py)
     person_head.npz      a grounded model's person probe on the grid (aicrl/model/concepts.py)
+    fluency.onnx         the fluency judge over the model's word ids (optional; aicrl/fluency.py)
 
 `ModelFolder` is the only writer of metrics.json. Plain standard library: serving reads model cards
 through it without torch.
@@ -50,6 +51,7 @@ class ModelFolder:
     CLASSIFIER = "classifier.npz"
     CONCEPTS = "concepts.json"
     PERSON_HEAD = "person_head.npz"
+    FLUENCY = "fluency.onnx"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -100,6 +102,10 @@ class ModelFolder:
     @property
     def person_head(self) -> Path:
         return self.path / self.PERSON_HEAD
+
+    @property
+    def fluency(self) -> Path:
+        return self.path / self.FLUENCY
 
     def onnx_graphs(self, int8: bool = False) -> dict[str, Path]:
         """The graph files a backend runs: fp32, or int8 where there is an int8 graph."""

@@ -1,0 +1,158 @@
+"""A blind rating of styled captions: the model's mixed with people's, judged by a reader who cannot
+tell which is which (procedure: docs/blind_rating.md).
+
+    # 1. a sheet for the reader (id, caption) and a key kept from them (id, source, style, image)
+    python benchmarks/blind_rating.py make --captions humorous=H.json romantic=R.json \
+        --style-file ../shared/data/flickrstyle7k/flickrstyle7k.jsonl --per-group 30 --out docs/ratings/NAME
+    # 2. each reader fills NAME/sheet.csv's well_formed and witty columns (1 or 0) into
+    #    NAME/ratings-1.csv (a second reader: NAME/ratings-2.csv)
+    # 3. the table, the readers' agreement, and how well the fluency judge agrees with them
+    python benchmarks/blind_rating.py score docs/ratings/NAME [--model DIR]
+
+H.json, R.json: `aicrl evaluate --style S --captions FILE` output ({image: caption}, FlickrStyle dev).
+People's captions are drawn from the same style's dev references, one per image, of other images
+than the model's sample, so that no pair gives itself away; both are written the model's way (lower
+case, no punctuation).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+from pathlib import Path
+
+from aicrl.data.datasets import read_style_jsonl
+from aicrl.data.vocab import tokenize
+
+
+def make(args) -> None:
+    rng = random.Random(args.seed)
+    styled = read_style_jsonl(args.style_file, ".")
+    rows = []
+    for item in args.captions:
+        style, path = item.split("=", 1)
+        model = json.loads(Path(path).read_text())
+        images = sorted(model)
+        rng.shuffle(images)
+        mine, others = images[: args.per_group], images[args.per_group:]
+        rows += [{"source": "model", "style": style, "image": i, "caption": model[i]} for i in mine]
+        refs = styled.references("dev", style)
+        people = [i for i in others if i in refs][: args.per_group]
+        rows += [{"source": "human", "style": style, "image": i, "caption": rng.choice(refs[i])} for i in people]
+    rng.shuffle(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sheet.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "style", "caption", "well_formed", "witty"])
+        for n, r in enumerate(rows, 1):
+            # one form for both (lower case, no punctuation): a final " ." would give people away
+            w.writerow([n, r["style"], " ".join(tokenize(r["caption"])), "", ""])
+    with open(out / "key.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "source", "style", "image"])
+        for n, r in enumerate(rows, 1):
+            w.writerow([n, r["source"], r["style"], r["image"]])
+    print(f"{len(rows)} captions: give {out / 'sheet.csv'} to the reader, keep {out / 'key.csv'} from them")
+
+
+def _auc(scores: list[float], labels: list[int]) -> float:
+    """P(a well-formed caption scores above a broken one), ties counted half."""
+    good = [s for s, y in zip(scores, labels) if y]
+    bad = [s for s, y in zip(scores, labels) if not y]
+    if not good or not bad:
+        return float("nan")
+    wins = sum((g > b) + 0.5 * (g == b) for g in good for b in bad)
+    return wins / (len(good) * len(bad))
+
+
+def _kappa(a: list[int], b: list[int]) -> float:
+    """Cohen's kappa of two readers' 0/1 marks."""
+    n = len(a)
+    observed = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    expected = pa * pb + (1 - pa) * (1 - pb)
+    return (observed - expected) / (1 - expected) if expected < 1 else 1.0
+
+
+def score(args) -> None:
+    folder = Path(args.folder)
+    key = {r["id"]: r for r in csv.DictReader(open(folder / "key.csv"))}
+    readers = {p.stem: {r["id"]: r for r in csv.DictReader(open(p))} for p in sorted(folder.glob("ratings*.csv"))}
+    if not readers:
+        raise SystemExit(f"{folder}: no ratings*.csv yet")
+    ids = sorted(set.intersection(*(set(r) for r in readers.values())), key=int)
+    mark = {(name, i, what): int(rated[i][what]) for name, rated in readers.items() for i in ids
+            for what in ("well_formed", "witty")}
+    groups: dict[tuple[str, str], list[str]] = {}
+    for i in ids:
+        groups.setdefault((key[i]["source"], key[i]["style"]), []).append(i)
+    names = list(readers)
+    per_reader = len(names) > 1
+    print("| captions | n | well-formed | witty |" + ("".join(f" {n}: well-formed, witty |" for n in names)
+                                                   if per_reader else ""))
+    print("|---|---:|---:|---:|" + "---:|" * (len(names) if per_reader else 0))
+    result: dict = {"readers": names}
+    for (source, style), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != "model", kv[0][1])):
+        mean = {what: sum(mark[(n, i, what)] for n in names for i in members) / (len(names) * len(members))
+                for what in ("well_formed", "witty")}
+        each = {n: {what: sum(mark[(n, i, what)] for i in members) / len(members) for what in ("well_formed", "witty")}
+                for n in names}
+        result[f"{source}_{style}"] = {"n": len(members), **{k: round(v, 3) for k, v in mean.items()},
+                                       "by_reader": {n: {k: round(v, 3) for k, v in e.items()} for n, e in each.items()}}
+        line = f"| {source}, {style} | {len(members)} | {mean['well_formed']:.0%} | {mean['witty']:.0%} |"
+        if per_reader:
+            line += "".join(f" {e['well_formed']:.0%}, {e['witty']:.0%} |" for e in each.values())
+        print(line)
+    if per_reader:
+        result["kappa_well_formed"] = round(_kappa([mark[(names[0], i, "well_formed")] for i in ids],
+                                                   [mark[(names[1], i, "well_formed")] for i in ids]), 3)
+        print(f"agreement of the first two readers on well-formed: Cohen's kappa {result['kappa_well_formed']:.2f}")
+    if args.model is not None:
+        from aicrl.data.vocab import Vocabulary
+        from aicrl.fluency import FluencyJudge
+        from aicrl.model.captioner import default_model_dir
+        from aicrl.model.folder import ModelFolder
+
+        model = Path(args.model) if args.model else default_model_dir()
+        judge, vocab = FluencyJudge.load(model), Vocabulary.load(ModelFolder(model).vocab)
+        first = readers[names[0]]
+        p = judge.score([first[i]["caption"] for i in ids], vocab.stoi, vocab.unk)
+        # a caption counts as well-formed when most readers say so (the first reader breaks a tie)
+        votes = [sum(mark[(n, i, "well_formed")] for n in names) for i in ids]
+        labels = [int(v * 2 > len(names) or (v * 2 == len(names) and mark[(names[0], i, "well_formed")]))
+                  for v, i in zip(votes, ids)]
+        judged = {}
+        for source in ("model", "human", "all"):
+            pick = [k for k, i in enumerate(ids) if source in ("all", key[i]["source"])]
+            judged[source] = {"auc": round(_auc([float(p[k]) for k in pick], [labels[k] for k in pick]), 3),
+                              "judged_well_formed": round(float((p[pick] >= 0.5).mean()), 3)}
+        result["fluency_judge"] = judged
+        print("fluency judge against the readers' well-formed (AUC): " + ", ".join(
+            f"{s} {v['auc']:.2f}" for s, v in judged.items()) + "; share it judges well-formed: " + ", ".join(
+            f"{s} {v['judged_well_formed']:.0%}" for s, v in judged.items()))
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("make", help="write the sheet and its key")
+    m.add_argument("--captions", nargs="+", required=True, metavar="STYLE=FILE")
+    m.add_argument("--style-file", required=True)
+    m.add_argument("--per-group", type=int, default=30)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=make)
+    s = sub.add_parser("score", help="the table from the reader's ratings.csv")
+    s.add_argument("folder")
+    s.add_argument("--model", nargs="?", const="", default=None,
+                   help="also check the fluency judge of this model folder (no value: the shipped model)")
+    s.set_defaults(func=score)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
