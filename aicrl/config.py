@@ -34,6 +34,9 @@ class CaptionerConfig:
     num_concepts: int = 0  # concepts the decoder has embeddings for (the concept table's words + person)
     # of the beam's captions, prefer those that claim nothing the encoder rules out (Captioner._rerank)
     rerank_by_agreement: bool = False
+    # with the rerank, the beam is also run on the concepts alone (no grid: the decoder learnt that in
+    # the grounding stage), so that a plain true caption can win where the grid's caption is false
+    concept_pool: bool = False
     concept_bonus: float = 0.0  # logits added to the words of likely concepts, times their probability
     absent_penalty: float = 0.0  # logits taken from person / dog words where the encoder rules them out
     # styled captions and variants: rerank by score + w * log P(well-formed), the fluency judge's verdict

@@ -76,12 +76,17 @@ class _Step(nn.Module):
         return (logits, *state, alpha)
 
 
+# tensors with a regions axis (1): a grid and its concept regions, or the concepts alone (no grid)
+REGION_AXIS = {"features", "features_norm", "projected", "alpha"}
+
+
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> None:
     module.eval()
     with warnings.catch_warnings():  # the TorchScript exporter: deprecated, but exact and quick here
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=inputs,
-                          output_names=outputs, dynamic_axes={n: {0: "batch"} for n in inputs + outputs},
+                          output_names=outputs, dynamic_axes={n: {0: "batch", **({1: "regions"} if n in REGION_AXIS else {})}
+                                                              for n in inputs + outputs},
                           do_constant_folding=True)
     module.eval()  # the exporter puts back the mode it found, which was train() for a fresh wrapper
 

@@ -4,6 +4,7 @@ tell which is which (procedure: docs/blind_rating.md).
     # 1. a sheet for the reader (id, caption) and a key kept from them (id, source, style, image)
     python benchmarks/blind_rating.py make --captions humorous=H.json romantic=R.json \
         --style-file ../shared/data/flickrstyle7k/flickrstyle7k.jsonl --per-group 30 --out docs/ratings/NAME
+    # two systems on the same images: --captions before:humorous=H0.json after:humorous=H1.json ...
     # 2. each reader fills NAME/sheet.csv's well_formed and witty columns (1 or 0) into
     #    NAME/ratings-1.csv (a second reader: NAME/ratings-2.csv)
     # 3. the table, the readers' agreement, and how well the fluency judge agrees with them
@@ -29,14 +30,18 @@ from aicrl.data.vocab import tokenize
 def make(args) -> None:
     rng = random.Random(args.seed)
     styled = read_style_jsonl(args.style_file, ".")
-    rows = []
+    systems: dict[str, dict[str, dict]] = {}  # style -> system -> {image: caption}
     for item in args.captions:
-        style, path = item.split("=", 1)
-        model = json.loads(Path(path).read_text())
-        images = sorted(model)
+        name, path = item.split("=", 1)
+        system, style = name.split(":", 1) if ":" in name else ("model", name)
+        systems.setdefault(style, {})[system] = json.loads(Path(path).read_text())
+    rows = []
+    for style, by_system in systems.items():
+        images = sorted(set.intersection(*(set(c) for c in by_system.values())))
         rng.shuffle(images)
         mine, others = images[: args.per_group], images[args.per_group:]
-        rows += [{"source": "model", "style": style, "image": i, "caption": model[i]} for i in mine]
+        for system, captions in by_system.items():  # every system on the same images
+            rows += [{"source": system, "style": style, "image": i, "caption": captions[i]} for i in mine]
         refs = styled.references("dev", style)
         people = [i for i in others if i in refs][: args.per_group]
         rows += [{"source": "human", "style": style, "image": i, "caption": rng.choice(refs[i])} for i in people]
@@ -47,7 +52,7 @@ def make(args) -> None:
         w = csv.writer(f)
         w.writerow(["id", "style", "caption", "well_formed", "witty"])
         for n, r in enumerate(rows, 1):
-            # one form for both (lower case, no punctuation): a final " ." would give people away
+            # one form for all (lower case, no punctuation): a final " ." would give people away
             w.writerow([n, r["style"], " ".join(tokenize(r["caption"])), "", ""])
     with open(out / "key.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -94,7 +99,7 @@ def score(args) -> None:
                                                    if per_reader else ""))
     print("|---|---:|---:|---:|" + "---:|" * (len(names) if per_reader else 0))
     result: dict = {"readers": names}
-    for (source, style), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != "model", kv[0][1])):
+    for (source, style), members in sorted(groups.items(), key=lambda kv: (kv[0][0] == "human", kv[0][1], kv[0][0])):
         mean = {what: sum(mark[(n, i, what)] for n in names for i in members) / (len(names) * len(members))
                 for what in ("well_formed", "witty")}
         each = {n: {what: sum(mark[(n, i, what)] for i in members) / len(members) for what in ("well_formed", "witty")}
@@ -124,8 +129,8 @@ def score(args) -> None:
         labels = [int(v * 2 > len(names) or (v * 2 == len(names) and mark[(names[0], i, "well_formed")]))
                   for v, i in zip(votes, ids)]
         judged = {}
-        for source in ("model", "human", "all"):
-            pick = [k for k, i in enumerate(ids) if source in ("all", key[i]["source"])]
+        for source in ("model", "human", "all"):  # "model": every system's captions
+            pick = [k for k, i in enumerate(ids) if source == "all" or (source == "human") == (key[i]["source"] == "human")]
             judged[source] = {"auc": round(_auc([float(p[k]) for k in pick], [labels[k] for k in pick]), 3),
                               "judged_well_formed": round(float((p[pick] >= 0.5).mean()), 3)}
         result["fluency_judge"] = judged
@@ -139,7 +144,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="write the sheet and its key")
-    m.add_argument("--captions", nargs="+", required=True, metavar="STYLE=FILE")
+    m.add_argument("--captions", nargs="+", required=True, metavar="[SYSTEM:]STYLE=FILE",
+                   help="captions of one system in one style; several systems are rated on the same images")
     m.add_argument("--style-file", required=True)
     m.add_argument("--per-group", type=int, default=30)
     m.add_argument("--seed", type=int, default=0)

@@ -89,6 +89,18 @@ def test_a_grounded_folder_decodes_the_same_on_onnx_and_torch(grounded, tiny_cac
     assert a[0][0].attention.shape[1] == 49 + 6  # the grid, then the concept regions
     concepts = onnx_model.concepts(onnx_model.seen(features))
     assert concepts[0].shape == (4, 6) and (concepts[0][:, 0] == len(concept_names(onnx_model.concept_table))).all()
+    # the concepts alone (no grid): the graphs take any number of regions
+    seen = onnx_model.seen(features)
+    a, b = (m.decode(features[:, :0], beam_size=3, seen=seen) for m in (torch_model, onnx_model))
+    assert [h[0].tokens for h in a] == [h[0].tokens for h in b] and a[0][0].attention.shape[1] == 6
+    # where every caption of the grid's beam is false, the concepts' own captions join the rerank
+    bare = onnx_model.decode(features[:, :0], beam_size=3, n_best=3, seen=seen)
+    onnx_model.config.rerank_by_agreement = onnx_model.config.concept_pool = True
+    grid = onnx_model.decode(features, beam_size=3, n_best=3, seen=seen)
+    onnx_model.agreement = lambda hyps, s: [{"unsupported": ["dog"], "missed": [], "confidence": 0.0}] * len(hyps)
+    pooled = onnx_model.decode(features, beam_size=3, n_best=6, seen=seen)
+    for g, c, p in zip(grid, bare, pooled):
+        assert {tuple(h.tokens) for h in p} == {tuple(h.tokens) for h in g + c}
 
 
 def seen_of(table, person, **words):

@@ -349,6 +349,17 @@ class Captioner:
             self._agreement = Agreement(self.concept_table)
         return self._agreement
 
+    def _with_concept_captions(self, beams, seen, steps, features, options) -> list[list[Hypothesis]]:
+        """Where every caption of the grid's beam claims something the encoder rules out (a person
+        the probe does not see), the beam run on the concepts alone joins the candidates: a plain
+        true caption ("a pizza with cheese on a plate") can then win the rerank. Elsewhere the
+        grid's captions stay, for they describe a scene better than a list of concepts does."""
+        false = [all(c["unsupported"] for c in self.agreement(b, s)) for b, s in zip(beams, seen)]
+        if not any(false):
+            return beams
+        bare = beam_search(steps, features[:, :0], options)
+        return [_pooled([b], [c])[0] if f else b for b, c, f in zip(beams, bare, false)]
+
     def _fluency_bonus(self, hyps: list[Hypothesis]) -> np.ndarray:
         """config.fluency_weight * log P(well-formed) of each hypothesis (0s without a judge)."""
         if self.fluency is None or not self.config.fluency_weight or not hyps:
@@ -356,7 +367,7 @@ class Captioner:
         p = self.fluency.score_ids([h.tokens for h in hyps])
         return self.config.fluency_weight * np.log(np.maximum(p, 1e-6))
 
-    def _rerank(self, hyps: list[Hypothesis], seen: Seen | None, n_best: int, fluency: bool) -> list[Hypothesis]:
+    def _rerank(self, hyps: list[Hypothesis], seen: Seen | None, n_best: int, fluency: bool = False) -> list[Hypothesis]:
         """The beam's captions, those that claim nothing the encoder rules out first, then those
         that name what it is sure of (with `seen`): a plain true caption beats a fluent false one;
         then by score, plus the fluency judge's verdict when `fluency`."""
@@ -407,14 +418,15 @@ class Captioner:
         styled = style not in (None, "", self.styles[0])
         fluency = self.fluency is not None and bool(self.config.fluency_weight) and (variants > 1 or styled)
         beams = beam_search(steps, features, options.replace(n_best=beam_size))
+        if agree and self.config.concept_pool and options.concepts is not None:
+            beams = self._with_concept_captions(beams, seen, steps, features, options.replace(n_best=beam_size))
         if fluency and styled:  # more candidates for the judge: the same beam, pushed more gently
             weight = self.config.guidance_for(style) if guidance is None else guidance
             for fraction in self.config.fluency_pool:
                 gentler = self.generation_options(len(features), beam_size, beam_size, style, max_length,
                                                   weight * fraction, seen)
                 gentler.concepts = options.concepts
-                beams = [b + [h for h in g if all(h.tokens != k.tokens for k in b)]
-                         for b, g in zip(beams, beam_search(steps, features, gentler))]
+                beams = _pooled(beams, beam_search(steps, features, gentler))
         if agree or fluency:
             beams = [self._rerank(b, s, len(b), fluency) for b, s in zip(beams, seen if agree else [None] * len(beams))]
         if variants == 1:
@@ -452,6 +464,11 @@ class Captioner:
                         for h, check in zip(image_hyps, checks)]
             results.append(CaptionResult(captions, style, dict(timing), image_tags))
         return results
+
+
+def _pooled(beams: list[list[Hypothesis]], more: list[list[Hypothesis]]) -> list[list[Hypothesis]]:
+    """Each image's candidates with another search's, without repeating a caption."""
+    return [b + [h for h in m if all(h.tokens != k.tokens for k in b)] for b, m in zip(beams, more)]
 
 
 def _variants(candidates: list[Hypothesis], k: int, bonus: np.ndarray | None = None) -> list[Hypothesis]:
