@@ -535,11 +535,12 @@ def _add_fit_fluency(sub) -> None:
                    "teach the judge, its dev captions calibrate it")
     p.add_argument("--style-file", metavar="FILE", help="styled captions jsonl (FlickrStyle7k format), split the same "
                    "way; its train captions are seen --style-repeat times an epoch")
-    p.add_argument("--style-repeat", type=int, default=3, metavar="N", help="(default 3: styled captions are fewer)")
+    p.add_argument("--style-repeat", type=int, default=3, metavar="N",
+                   help="times each styled caption is seen an epoch (default 3: styled captions are fewer)")
     p.add_argument("--text-file", metavar="FILE", help="more human captions, one {\"caption\": ...} per line "
                    "(e.g. the COCO caption text), all for training")
-    p.add_argument("--epochs", type=int, default=2, metavar="N", help="epochs (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2, metavar="N", help="epochs over the training captions (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the model, the shuffling and the corruptions")
     p.set_defaults(func=cmd_fit_fluency)
 
 

@@ -138,6 +138,13 @@ def score(args) -> None:
             f"{s} {v['auc']:.2f}" for s, v in judged.items()) + "; share it judges well-formed: " + ", ".join(
             f"{s} {v['judged_well_formed']:.0%}" for s, v in judged.items()))
     (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.save_to_model is not None:  # the README's table of blind ratings comes from metrics.json
+        from aicrl.model.captioner import default_model_dir
+        from aicrl.model.folder import ModelFolder
+
+        model = ModelFolder(args.save_to_model or default_model_dir())
+        ratings = model.read_metrics().get("blind_ratings", {})
+        model.merge_metrics({"blind_ratings": ratings | {folder.name: result}})
 
 
 def main() -> None:
@@ -155,6 +162,9 @@ def main() -> None:
     s.add_argument("folder")
     s.add_argument("--model", nargs="?", const="", default=None,
                    help="also check the fluency judge of this model folder (no value: the shipped model)")
+    s.add_argument("--save-to-model", nargs="?", const="", default=None, metavar="DIR",
+                   help="record the results in this model folder's metrics.json, under blind_ratings "
+                        "(no value: the shipped model)")
     s.set_defaults(func=score)
     args = parser.parse_args()
     args.func(args)

@@ -31,6 +31,7 @@ PUBLISHED = [
 QUALITY_ROWS = [
     ("test_factual", "**AICRL shipped model**, beam 3"),
     ("test_factual_greedy", "the same, greedy decoding"),
+    ("grounding_stage_test_factual", "the grounding stage without the concept pool, beam 3"),
     ("ungrounded_test_factual", "before the grounding stage (the previous shipped model), beam 3"),
     ("frozen_encoder_test", "before fine-tuning the encoder's last stage, beam 3"),
     ("cross_entropy_start_test", "before self-critical training (the cross-entropy model it started from), beam 3"),
@@ -38,16 +39,20 @@ QUALITY_ROWS = [
 # Truth beyond Flickr8k: (key, row label); the keys' results carry "grounding" (aicrl evaluate)
 GROUNDING_ROWS = [
     ("all_factual", "**shipped model**, coco_mini (80 everyday photos)"),
+    ("grounding_stage_all_factual", "the grounding stage without the concept pool, coco_mini"),
     ("ungrounded_all_factual", "before the grounding stage, coco_mini"),
     ("test_factual", "**shipped model**, Flickr8k test"),
+    ("grounding_stage_test_factual", "the grounding stage without the concept pool, Flickr8k test"),
     ("ungrounded_test_factual", "before the grounding stage, Flickr8k test"),
 ]
 STYLE_ROWS = [
     ("cross_entropy_start_flickrstyle_dev_humorous", "humorous, before (the cross-entropy model)"),
     ("ungrounded_flickrstyle_dev_humorous", "humorous, before the grounding stage"),
+    ("grounding_stage_flickrstyle_dev_humorous", "humorous, the grounding stage without the fluency rerank"),
     ("flickrstyle_dev_humorous", "**humorous** (shipped)"),
     ("cross_entropy_start_flickrstyle_dev_romantic", "romantic, before (the cross-entropy model)"),
     ("ungrounded_flickrstyle_dev_romantic", "romantic, before the grounding stage"),
+    ("grounding_stage_flickrstyle_dev_romantic", "romantic, the grounding stage without the fluency rerank"),
     ("flickrstyle_dev_romantic", "**romantic** (shipped)"),
 ]
 
@@ -81,8 +86,8 @@ def quality_table(metrics: dict) -> str:
 
 def style_table(metrics: dict) -> str:
     lines = ["| style | BLEU-1 | BLEU-3 | METEOR | CIDEr | style accuracy | content overlap "
-             "| top trigram (share of captions) | distinct captions | broken joins |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "| top trigram (share of captions) | distinct captions | broken joins | fluency judge (mean P) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
     for key, label in STYLE_ROWS:
         if key not in metrics:
             continue
@@ -91,7 +96,8 @@ def style_table(metrics: dict) -> str:
         lines.append(f"| {label} | {_f(m.get('BLEU-1'))} | "
                      f"{_f(m.get('BLEU-3'))} | {_f(m.get('METEOR'))} | {_f(m.get('CIDEr'))} | "
                      f"{_pct(m.get('style_accuracy'))} | {_pct(m.get('content_overlap'))} | {_top(div)} | "
-                     f"{div.get('distinct_captions', '')} | {_pct(m.get('grammar_error_rate'))} |")
+                     f"{div.get('distinct_captions', '')} | {_pct(m.get('grammar_error_rate'))} | "
+                     f"{_f(m.get('fluency', {}).get('mean'))} |")
     return "\n".join(lines)
 
 
@@ -110,7 +116,19 @@ def grounding_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"quality": quality_table, "styles": style_table, "grounding": grounding_table}
+def blind_table(metrics: dict) -> str:
+    """Blind ratings of styled captions (benchmarks/blind_rating.py, docs/blind_rating.md)."""
+    lines = ["| rating (docs/ratings/) | captions | n | well-formed | witty |", "|---|---|---:|---:|---:|"]
+    for name, result in metrics.get("blind_ratings", {}).items():
+        for group, r in result.items():
+            if isinstance(r, dict) and "well_formed" in r:
+                source, style = group.rsplit("_", 1)
+                label = "people" if source == "human" else source
+                lines.append(f"| {name} | {label}, {style} | {r['n']} | {_pct(r['well_formed'])} | {_pct(r['witty'])} |")
+    return "\n".join(lines)
+
+
+TABLES = {"quality": quality_table, "styles": style_table, "grounding": grounding_table, "blind": blind_table}
 
 
 def render(readme: str, metrics: dict) -> str:
