@@ -36,10 +36,12 @@ class Samples:
 
 
 def sample(decoder: CaptionDecoder, features: torch.Tensor, start: int, end: int, n: int,
-           max_length: int = 20, styles: torch.Tensor | None = None, temperature: float = 1.0) -> Samples:
+           max_length: int = 20, styles: torch.Tensor | None = None, temperature: float = 1.0,
+           concepts=None) -> Samples:
     """`n` captions per image, drawn word by word from the decoder's distribution, with gradients.
-    Rows come image by image: image 0's n samples, then image 1's, ..."""
-    feats, projected, style, state = decoder.start(features, styles)
+    Rows come image by image: image 0's n samples, then image 1's, ... `concepts`: a grounded
+    decoder's concept input (decoder.Concepts)."""
+    feats, projected, style, state = decoder.start(features, styles, concepts)
     feats, projected = feats.repeat_interleave(n, 0), projected.repeat_interleave(n, 0)
     state = tuple(x.repeat_interleave(n, 0) for x in state)
     style = None if style is None else style.repeat_interleave(n, 0)

@@ -232,6 +232,14 @@ class Prepared:
             feats[torch.from_numpy(flip)] = self.mirror_feats.batch(np.asarray(rows)[flip])
         return feats
 
+    def concepts(self, grids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A grounded decoder's concept input for these grids, made as when captioning (the ImageNet
+        head's likeliest concepts and the person probe); None for a decoder without concepts."""
+        if not self.captioner.config.concept_tokens:
+            return None
+        ids, probs = self.captioner.concepts(self.captioner.seen(grids.detach().float().cpu().numpy()))
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(probs).to(self.device)
+
     def grids(self, cached: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
         """Cached rows -> (B, regions, dim) fp32 grids on the device: through the encoder's last
         stage (trained or not) when the cache holds what enters it."""
@@ -324,8 +332,9 @@ class CrossEntropy:
             flip = torch.from_numpy(self.mirrored[rows]).to(device)
             captions = torch.where(flip.unsqueeze(1), self.run.mirror_ids[captions], captions)
         style_ids = torch.tensor([c[2] for c in chosen], device=device) if len(self.run.styles) > 1 else None
+        concepts = self.run.concepts(feats)
         with autocast(device, self.amp):
-            logits, alphas = net(feats, captions, style_ids)
+            logits, alphas = net(feats, captions, style_ids, concepts)
         return caption_loss(logits, alphas, captions[:, 1:], self.run.vocab.pad, self.cfg.attention_penalty,
                             self.cfg.label_smoothing)
 
@@ -377,7 +386,8 @@ class SelfCritical:
         if mirrored is not None:
             names = [name + MIRRORED if mirrored[r] else name for name, r in zip(names, rows)]
         with autocast(device, self.amp):
-            samples = sample(decoder, feats, v.start, v.end, n, self.cfg.scst_max_words, style_ids)
+            samples = sample(decoder, feats, v.start, v.end, n, self.cfg.scst_max_words, style_ids,
+                             concepts=self.run.concepts(feats))
         rewards = torch.tensor(self.cider.scores(samples.word_lists(v.itos, v.end),
                                                  [name for name in names for _ in range(n)], self.refs),
                                device=device)

@@ -135,3 +135,28 @@ def test_reranking_prefers_a_true_caption_to_a_more_likely_false_one(tmp_path, t
             Hypothesis(ids("a horse runs on grass"), -3.0, -0.6, np.zeros((5, 49)))]
     best = model._rerank(hyps, seen_of(table, 0.01, horse=0.8), n_best=2)
     assert [model.vocab.decode(h.tokens) for h in best] == ["a horse runs on grass", "a man riding a horse"]
+
+
+def test_self_critical_training_of_a_grounded_model_feeds_it_its_concepts(grounded, tiny_flickr, tiny_cache, tmp_path,
+                                                                          monkeypatch):
+    from aicrl import training
+    from aicrl.training import TrainConfig, train
+
+    from .test_training import SMALL
+
+    seen_concepts = []
+    real = training.Prepared.concepts
+
+    def spy(self, grids):
+        out = real(self, grids)
+        seen_concepts.append(out)
+        return out
+
+    monkeypatch.setattr(training.Prepared, "concepts", spy)
+    cfg = TrainConfig(data_dir=str(tiny_flickr), features=str(tiny_cache), init_from=str(grounded / "best"),
+                      objective="self-critical", scst_samples=2, scst_max_words=6, epochs=1, out=str(tmp_path / "scst"),
+                      **(SMALL | {"early_stop": 99}))
+    train(cfg)
+    assert seen_concepts and all(ids.shape[1] == 6 and probs.shape == ids.shape for ids, probs in seen_concepts)
+    model = Captioner.from_pretrained(tmp_path / "scst" / "best", backend="torch")
+    assert model.config.concept_tokens == 6 and model.person_head is not None
