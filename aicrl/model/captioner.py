@@ -23,9 +23,9 @@ import numpy as np
 from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
 from ..data.images import ImageSource, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
-from ..fluency import FluencyJudge
 from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, WordBonus, beam_search,
                         greedy, sample)
+from ..fluency import FluencyJudge
 from ..phrases import OverusedPhrases
 from .concepts import Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities, top_concepts
 from .folder import ModelFolder
@@ -414,27 +414,36 @@ class Captioner:
         steps = self.steps()
         if variants == 1 and beam_size == 1:
             return [[h] for h in greedy(steps, features, options)]
-        agree = bool(self.config.rerank_by_agreement and seen)
         styled = style not in (None, "", self.styles[0])
-        fluency = self.fluency is not None and bool(self.config.fluency_weight) and (variants > 1 or styled)
-        beams = beam_search(steps, features, options.replace(n_best=beam_size))
-        if agree and self.config.concept_pool and options.concepts is not None:
-            beams = self._with_concept_captions(beams, seen, steps, features, options.replace(n_best=beam_size))
-        if fluency and styled:  # more candidates for the judge: the same beam, pushed more gently
-            weight = self.config.guidance_for(style) if guidance is None else guidance
-            for fraction in self.config.fluency_pool:
-                gentler = self.generation_options(len(features), beam_size, beam_size, style, max_length,
-                                                  weight * fraction, seen)
-                gentler.concepts = options.concepts
-                beams = _pooled(beams, beam_search(steps, features, gentler))
-        if agree or fluency:
-            beams = [self._rerank(b, s, len(b), fluency) for b, s in zip(beams, seen if agree else [None] * len(beams))]
+        judged = self.fluency is not None and bool(self.config.fluency_weight) and (variants > 1 or styled)
+        beams = self._candidates(steps, features, options.replace(n_best=beam_size), seen, judged,
+                                 style if styled else None, guidance)
         if variants == 1:
             return [b[:n_best] for b in beams]
         # different captions: every beam, then sampled ones; the best that differ win
         drawn = sample(steps, features, options.replace(temperature=0.8, top_p=0.9), n=4 * variants)
-        return [_variants(b + d, variants, self._fluency_bonus(b + d) if fluency else None)
+        return [_variants(b + d, variants, self._fluency_bonus(b + d) if judged else None)
                 for b, d in zip(beams, drawn)]
+
+    def _candidates(self, steps, features, options: GenerationOptions, seen: list[Seen] | None, judged: bool,
+                    style: str | None, guidance: float | None) -> list[list[Hypothesis]]:
+        """Each image's beam, best first: with the config's pools (the concepts' own captions where
+        the grid's are false, a styled beam pushed more gently for the fluency judge), reranked by
+        agreement with what the encoder sees and by the judge."""
+        agree = bool(self.config.rerank_by_agreement and seen)
+        beams = beam_search(steps, features, options)
+        if agree and self.config.concept_pool and options.concepts is not None:
+            beams = self._with_concept_captions(beams, seen, steps, features, options)
+        if judged and style is not None:
+            weight = self.config.guidance_for(style) if guidance is None else guidance
+            for fraction in self.config.fluency_pool:
+                gentler = self.generation_options(len(features), options.beam_size, options.n_best, style,
+                                                  options.max_length, weight * fraction, seen)
+                gentler.concepts = options.concepts
+                beams = _pooled(beams, beam_search(steps, features, gentler))
+        if not (agree or judged):
+            return beams
+        return [self._rerank(b, s, len(b), judged) for b, s in zip(beams, seen if agree else [None] * len(beams))]
 
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None, variants: int = 1) -> list[CaptionResult]:
