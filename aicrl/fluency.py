@@ -23,10 +23,16 @@ MAX_WORDS = 30  # longer captions are judged on their first 30 words
 
 class FluencyJudge:
     def __init__(self, path: str | Path):
-        from .runtime import _session
-
         self.path = Path(path)
-        self.session = _session(self.path, threads=1)  # a few short captions: one thread is fastest
+        self._session = None  # loaded at the first caption judged: factual captioning never pays for it
+
+    @property
+    def session(self):
+        if self._session is None:
+            from .runtime import _session
+
+            self._session = _session(self.path, threads=1)  # a few short captions: one thread is fastest
+        return self._session
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "FluencyJudge | None":
