@@ -147,6 +147,25 @@ def score(args) -> None:
         model.merge_metrics({"blind_ratings": ratings | {folder.name: result}})
 
 
+def truth(args) -> None:
+    """Shares of captions a reader who saw the photos found true, partly true and false, per source
+    (a sheet of id, photo, caption, verdict: docs/blind_rating.md, "Truth to the photo")."""
+    folder = Path(args.folder)
+    key = {r["id"]: r for r in csv.DictReader(open(folder / "key.csv"))}
+    counts: dict[str, dict[str, int]] = {}
+    for path in sorted(folder.glob("ratings*.csv")):
+        for r in csv.DictReader(open(path)):
+            source = counts.setdefault(key[r["id"]]["source"], {"true": 0, "partly": 0, "false": 0})
+            source[r["verdict"].strip().lower()] += 1
+    print("| captions | n | true | partly true | false |\n|---|---:|---:|---:|---:|")
+    result = {}
+    for source, c in counts.items():
+        n = sum(c.values())
+        result[source] = {"n": n, **{k: round(v / n, 3) for k, v in c.items()}}
+        print(f"| {source} | {n} | {c['true'] / n:.0%} | {c['partly'] / n:.0%} | {c['false'] / n:.0%} |")
+    (folder / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +185,9 @@ def main() -> None:
                    help="record the results in this model folder's metrics.json, under blind_ratings "
                         "(no value: the shipped model)")
     s.set_defaults(func=score)
+    t = sub.add_parser("truth", help="the table of a truth rating (photos seen: true, partly, false)")
+    t.add_argument("folder")
+    t.set_defaults(func=truth)
     args = parser.parse_args()
     args.func(args)
 
