@@ -160,3 +160,13 @@ def test_self_critical_training_of_a_grounded_model_feeds_it_its_concepts(ground
     assert seen_concepts and all(ids.shape[1] == 6 and probs.shape == ids.shape for ids, probs in seen_concepts)
     model = Captioner.from_pretrained(tmp_path / "scst" / "best", backend="torch")
     assert model.config.concept_tokens == 6 and model.person_head is not None
+
+
+def test_mention_once_covers_the_names_of_things_but_not_people_dogs_or_adjectives(tmp_path, table):
+    model = Captioner.from_pretrained(make_tiny_model(tmp_path / "tiny"), backend="torch")
+    assert model._mentioned_once() is None  # off by default
+    model.concept_table, model.config.mention_once = table, True
+    model.vocab = type(model.vocab)(list(model.vocab.itos) + ["pizza", "cat", "man", "dog", "young", "shirt"])
+    once = model._mentioned_once()
+    named = {w for w, flag in zip(model.vocab.itos, once) if flag}
+    assert {"pizza", "cat", "horse"} <= named and not named & {"man", "dog", "young", "shirt", "a", "riding"}

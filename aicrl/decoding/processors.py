@@ -55,12 +55,13 @@ class SpecialTokens:
         return scores
 
 
-def repetition_bans(history: np.ndarray, content: np.ndarray) -> np.ndarray:
+def repetition_bans(history: np.ndarray, content: np.ndarray, once: np.ndarray | None = None) -> np.ndarray:
     """(N, V) mask of the words that would make a row of `history` (N, t) loop: the word just said
     ("a beautiful beautiful sunset"), the second word of a pair of content words said before (after
     "a blue shirt and blue", "shirt"), and a content word said twice already ("blue shirt and blue
     shorts and blue ..."). `content` (V,) marks the content words; function words ("in a", "a red")
-    may otherwise repeat freely."""
+    may otherwise repeat freely. `once` (V,) marks words said at most once ("a pizza with a pizza on
+    it"): the names of things, where a second mention is almost always a loop."""
     history, content = np.asarray(history, dtype=np.int64), np.asarray(content, dtype=bool)
     n, t = history.shape
     ban = np.zeros((n, content.size), dtype=bool)
@@ -76,6 +77,8 @@ def repetition_bans(history: np.ndarray, content: np.ndarray) -> np.ndarray:
         for j in range(t):
             counts[index, history[:, j]] += 1
         ban |= (counts >= 2) & content
+        if once is not None:
+            ban |= (counts >= 1) & once
         ban[:, 0] = False
     return ban
 
@@ -84,9 +87,10 @@ def repetition_bans(history: np.ndarray, content: np.ndarray) -> np.ndarray:
 class NoRepeats:
     """No content-word loops (`repetition_bans`)."""
     content: np.ndarray  # (V,) bool: the content words
+    once: np.ndarray | None = None  # (V,) bool: words said at most once
 
     def __call__(self, scores: np.ndarray, ctx: StepContext) -> np.ndarray:
-        return np.where(repetition_bans(ctx.history, self.content), NEG_INF, scores)
+        return np.where(repetition_bans(ctx.history, self.content, self.once), NEG_INF, scores)
 
 
 @dataclass

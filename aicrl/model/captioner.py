@@ -27,7 +27,8 @@ from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance,
                         greedy, sample)
 from ..fluency import FluencyJudge
 from ..phrases import OverusedPhrases
-from .concepts import Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities, top_concepts
+from .concepts import (DOG_WORDS, PERSON_WORDS, Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities,
+                       top_concepts)
 from .folder import ModelFolder
 from .tags import head_weights, load_head, tags_from_features
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 _fallbacks_said: set[str] = set()  # model folders whose ONNX fallback was reported on stderr
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px
+# one-word forms of COCO classes that also describe, or name no one thing ("a young man", "an orange
+# shirt", "an animal"): config.mention_once leaves them free to repeat
+NOT_THINGS = frozenset("young male female males females human giant lower upper electric delicious orange semi "
+                       "launch launches commuter console animal animals creature pet pets".split())
 
 
 def default_model_dir() -> Path:
@@ -360,6 +365,23 @@ class Captioner:
         bare = beam_search(steps, features[:, :0], options)
         return [_pooled([b], [c])[0] if f else b for b, c, f in zip(beams, bare, false)]
 
+    def _mentioned_once(self) -> np.ndarray | None:
+        """(V,) the words config.mention_once allows once a caption: the one-word names of the
+        concepts that are COCO object classes (a pizza, a cat, a bus), but people and dogs ("a man
+        and a man", "a black dog and a brown dog" are Flickr8k's own); None when off."""
+        if not (self.config.mention_once and self.concept_table is not None):
+            return None
+        if getattr(self, "_once_for", None) is not self.vocab.stoi:
+            once = np.zeros(len(self.vocab), dtype=bool)
+            checker = self._checker()
+            for concept, ids in checker._word_ids(self.vocab.stoi).items():
+                once[ids] = concept in checker.objects
+            for word in PERSON_WORDS | DOG_WORDS | NOT_THINGS:
+                if word in self.vocab.stoi:
+                    once[self.vocab.stoi[word]] = False
+            self._once_for, self._once = self.vocab.stoi, once
+        return self._once
+
     def _fluency_bonus(self, hyps: list[Hypothesis]) -> np.ndarray:
         """config.fluency_weight * log P(well-formed) of each hypothesis (0s without a judge)."""
         if self.fluency is None or not self.config.fluency_weight or not hyps:
@@ -389,7 +411,7 @@ class Captioner:
         styles = self.style_ids(style, n)
         styled = styles is not None and style not in (None, "", self.styles[0])
         guidance = self.config.guidance_for(style) if guidance is None else guidance
-        processors: list = [NoRepeats(self.content_words)] if self.config.block_repeats else []
+        processors: list = [NoRepeats(self.content_words, self._mentioned_once())] if self.config.block_repeats else []
         phrases = self.phrases.for_style(style, self.vocab.stoi, len(self.vocab)) if styled and self.phrases else None
         if phrases is not None:
             processors.append(phrases)
