@@ -356,14 +356,17 @@ class Captioner:
 
     def _with_concept_captions(self, beams, seen, steps, features, options) -> list[list[Hypothesis]]:
         """Where every caption of the grid's beam claims something the encoder rules out (a person
-        the probe does not see), the beam run on the concepts alone joins the candidates: a plain
-        true caption ("a pizza with cheese on a plate") can then win the rerank. Elsewhere the
+        the probe does not see), the captions of the beam run on the concepts alone that claim
+        nothing ruled out join the candidates: a plain true caption ("a pizza with cheese on a
+        plate") can then win the rerank. Elsewhere the
         grid's captions stay, for they describe a scene better than a list of concepts does."""
         false = [all(c["unsupported"] for c in self.agreement(b, s)) for b, s in zip(beams, seen)]
         if not any(false):
             return beams
         bare = beam_search(steps, features[:, :0], options)
-        return [_pooled([b], [c])[0] if f else b for b, c, f in zip(beams, bare, false)]
+        clean = [[h for h, c in zip(hyps, self.agreement(hyps, s)) if not c["unsupported"]]  # no new falsehood
+                 for hyps, s in zip(bare, seen)]
+        return [_pooled([b], [c])[0] if f else b for b, c, f in zip(beams, clean, false)]
 
     def _mentioned_once(self) -> np.ndarray | None:
         """(V,) the words config.mention_once allows once a caption: the one-word names of the
