@@ -518,7 +518,9 @@ def cmd_fit_phrases(args) -> int:
     return 0
 
 
-TORCH_COMMANDS = ("train", "search", "ground")  # their options come from TrainConfig, in the torch-importing training.py
+# the commands that need torch (main() says so without it); the first three take their options from
+# TrainConfig, in the torch-importing training.py
+TORCH_COMMANDS = ("train", "search", "ground", "fit-fluency")
 
 
 def _add_fit_fluency(sub) -> None:
@@ -545,13 +547,9 @@ def _add_fit_fluency(sub) -> None:
 
 
 def cmd_fit_fluency(args) -> int:
-    from .model.captioner import torch_available
-
-    if not torch_available():
-        sys.exit("aicrl fit-fluency needs torch: pip install 'aicrl[train]'")
     import torch
 
-    from .data.datasets import load_dataset, read_style_jsonl
+    from .data.datasets import load_dataset, read_caption_text, read_style_jsonl
     from .data.vocab import Vocabulary
     from .fluency_training import export_fluency, fit_fluency
     from .model.captioner import default_model_dir
@@ -567,7 +565,7 @@ def cmd_fit_fluency(args) -> int:
         train += [r.caption for r in styled.select("train")] * args.style_repeat
         dev += [r.caption for r in styled.select("dev")]
     if args.text_file:
-        train += [json.loads(line)["caption"] for line in Path(args.text_file).read_text().splitlines() if line.strip()]
+        train += read_caption_text(args.text_file)
     fit = fit_fluency(Vocabulary.load(folder.vocab), train, dev, epochs=args.epochs, seed=args.seed,
                       log=lambda line: print(line, file=sys.stderr))
     export_fluency(fit.net, folder.fluency)

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .data.vocab import tokenize
 from .model.folder import ModelFolder
 
 MAX_WORDS = 30  # longer captions are judged on their first 30 words
@@ -52,6 +53,4 @@ class FluencyJudge:
         return (1 / (1 + np.exp(-logits))).astype(np.float32)
 
     def score(self, captions: Sequence[str], stoi: dict[str, int], unk: int) -> np.ndarray:
-        from .data.vocab import tokenize
-
         return self.score_ids([[stoi.get(w, unk) for w in tokenize(c)] for c in captions])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
+from .data.datasets import FACTUAL, load_dataset, read_caption_text, read_style_jsonl
 from .data.features import FeatureCache
 from .data.vocab import Vocabulary, tokenize
 from .evaluation import caption_images, diversity, quick_scores
@@ -215,8 +215,7 @@ def prepare(cfg: GroundingConfig) -> GroundingRun:
     """Steps 1-3 of the module docstring, and the batches of step 4."""
     table = ConceptTable.read(cfg.concepts)
     data = load_dataset("flickr8k", cfg.data_dir)
-    text = [json.loads(line)["caption"] for line in Path(cfg.text_file).read_text().splitlines() if line.strip()] \
-        if cfg.text_file else []
+    text = read_caption_text(cfg.text_file) if cfg.text_file else []
     counts = Counter(w for c in text for w in tokenize(c))
     new_words = sorted((w for w, n in counts.items() if n >= cfg.min_freq), key=lambda w: (-counts[w], w))
     new_words += [w for name in concept_names(table) for w in name.split()]

@@ -157,6 +157,11 @@ def read_style_jsonl(path: str | Path, image_dir: str | Path) -> CaptionData:
     return CaptionData(Path(image_dir), records)
 
 
+def read_caption_text(path: str | Path) -> list[str]:
+    """Captions without photos, one JSON object a line with a "caption" (the COCO caption text)."""
+    return [json.loads(line)["caption"] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def load_dataset(name: str, data_dir: str | Path) -> CaptionData:
     if name == "flickr8k":
         return read_flickr8k(data_dir)

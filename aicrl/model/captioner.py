@@ -27,8 +27,7 @@ from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance,
                         greedy, sample)
 from ..fluency import FluencyJudge
 from ..phrases import OverusedPhrases
-from .concepts import (DOG_WORDS, PERSON_WORDS, Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities,
-                       top_concepts)
+from .concepts import Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities, top_concepts
 from .folder import ModelFolder
 from .tags import head_weights, load_head, tags_from_features
 
@@ -40,10 +39,6 @@ if TYPE_CHECKING:
 _fallbacks_said: set[str] = set()  # model folders whose ONNX fallback was reported on stderr
 
 GRID = 7  # the encoders' feature grid is 7x7 at 224 px
-# one-word forms of COCO classes that also describe, or name no one thing ("a young man", "an orange
-# shirt", "an animal"): config.mention_once leaves them free to repeat
-NOT_THINGS = frozenset("young male female males females human giant lower upper electric delicious orange semi "
-                       "launch launches commuter console animal animals creature pet pets".split())
 
 
 def default_model_dir() -> Path:
@@ -358,8 +353,8 @@ class Captioner:
         """Where every caption of the grid's beam claims something the encoder rules out (a person
         the probe does not see), the captions of the beam run on the concepts alone that claim
         nothing ruled out join the candidates: a plain true caption ("a pizza with cheese on a
-        plate") can then win the rerank. Elsewhere the
-        grid's captions stay, for they describe a scene better than a list of concepts does."""
+        plate") can then win the rerank. Elsewhere the grid's captions stay, for they describe a
+        scene better than a list of concepts does."""
         false = [all(c["unsupported"] for c in self.agreement(b, s)) for b, s in zip(beams, seen)]
         if not any(false):
             return beams
@@ -369,20 +364,12 @@ class Captioner:
         return [_pooled([b], [c])[0] if f else b for b, c, f in zip(beams, clean, false)]
 
     def _mentioned_once(self) -> np.ndarray | None:
-        """(V,) the words config.mention_once allows once a caption: the one-word names of the
-        concepts that are COCO object classes (a pizza, a cat, a bus), but people and dogs ("a man
-        and a man", "a black dog and a brown dog" are Flickr8k's own); None when off."""
+        """(V,) the words config.mention_once allows once a caption (Agreement.named_once), built
+        once per vocabulary; None when off."""
         if not (self.config.mention_once and self.concept_table is not None):
             return None
         if getattr(self, "_once_for", None) is not self.vocab.stoi:
-            once = np.zeros(len(self.vocab), dtype=bool)
-            checker = self._checker()
-            for concept, ids in checker._word_ids(self.vocab.stoi).items():
-                once[ids] = concept in checker.objects
-            for word in PERSON_WORDS | DOG_WORDS | NOT_THINGS:
-                if word in self.vocab.stoi:
-                    once[self.vocab.stoi[word]] = False
-            self._once_for, self._once = self.vocab.stoi, once
+            self._once_for, self._once = self.vocab.stoi, self._checker().named_once(self.vocab.stoi)
         return self._once
 
     def _fluency_bonus(self, hyps: list[Hypothesis]) -> np.ndarray:

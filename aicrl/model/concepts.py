@@ -32,6 +32,10 @@ dog dogs puppy puppies pup pups doggy doggie canine canines hound hounds terrier
 poodles retriever retrievers labrador labradors collie collies spaniel spaniels bulldog bulldogs
 beagle beagles greyhound greyhounds husky huskies dachshund dachshunds pug pugs sheepdog mutt
 """.split())
+# One-word forms of COCO classes that also describe, or name no one thing ("a young man", "an orange
+# shirt", "an animal"): `Agreement.named_once` leaves them free to repeat.
+NOT_THINGS = frozenset("young male female males females human giant lower upper electric delicious orange semi "
+                       "launch launches commuter console animal animals creature pet pets".split())
 _IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people",
                       "mouse": "mice", "goose": "geese", "foot": "feet", "tooth": "teeth", "ox": "oxen",
                       "sheep": "sheep", "fish": "fish", "deer": "deer", "bison": "bison",
@@ -285,6 +289,16 @@ class Agreement:
                 if len(form) == 1 and form[0] in stoi:
                     self._ids.setdefault(concept, []).append(stoi[form[0]])
         return self._ids
+
+    def named_once(self, stoi: dict[str, int]) -> np.ndarray:
+        """(V,) the words a caption should say at most once: the one-word names of the concepts that
+        are COCO object classes (a pizza, a cat, a bus), but people and dogs ("a man and a man", "a
+        black dog and a brown dog" are Flickr8k's own) and words that also describe (NOT_THINGS)."""
+        once = np.zeros(max(stoi.values()) + 1, dtype=bool)
+        for concept, ids in self._word_ids(stoi).items():
+            once[ids] = concept in self.objects
+        once[[stoi[w] for w in PERSON_WORDS | DOG_WORDS | NOT_THINGS if w in stoi]] = False
+        return once
 
     def word_bonus(self, seen: list[Seen], stoi: dict[str, int], bonus: float, penalty: float,
                    likely: float = 0.3) -> np.ndarray:
