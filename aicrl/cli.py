@@ -370,7 +370,7 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     from .data.datasets import FACTUAL, load_dataset, read_style_jsonl
     from .evaluation import (caption_images, evaluate_factual, evaluate_style, features_source,
-                             fit_style_classifier, fluency_scores)
+                             fit_style_classifier, fluency_scores, people_source)
     from .hallucination import grounding, recording_probabilities, synonyms_path
     from .model.captioner import Captioner, default_model_dir
     from .model.concepts import ConceptTable
@@ -387,6 +387,7 @@ def cmd_evaluate(args) -> int:
     except FileNotFoundError as e:
         sys.exit(f"aicrl: {e}")
     features_of = features_source(captioner, data.image_dir, args.features)
+    people_of = people_source(captioner, data.image_dir)
     settings = {"model": args.model or "shipped", "beam_size": args.beam_size,
                 "length_penalty": captioner.config.length_penalty, "style_guidance": captioner.config.style_guidance}
     if args.style and args.style != FACTUAL:
@@ -396,7 +397,7 @@ def cmd_evaluate(args) -> int:
         split = "dev" if args.split == "test" else args.split  # FlickrStyle has no test images
         refs = styled.references(split, args.style)
         names = list(refs)[: args.limit or None]
-        preds = caption_images(captioner, names, features_of, args.beam_size, args.style)
+        preds = caption_images(captioner, names, features_of, args.beam_size, args.style, people_of=people_of)
         held_out = styled.select(split) + data.select(split)
         classifier = fit_style_classifier(data, styled)
         result = evaluate_style(preds, refs, data.references(split), args.style, classifier)
@@ -411,7 +412,7 @@ def cmd_evaluate(args) -> int:
         names = list(refs)[: args.limit or None]
         probabilities: dict = {}
         features_of = recording_probabilities(features_of, captioner.classifier(), probabilities)
-        preds = caption_images(captioner, names, features_of, args.beam_size)
+        preds = caption_images(captioner, names, features_of, args.beam_size, people_of=people_of)
         result = evaluate_factual(preds, refs) | {"fluency": fluency_scores(captioner, preds)}
         table = ConceptTable.load(args.model or default_model_dir())
         result["grounding"] = grounding(preds, refs, synonyms_file, probabilities, table)
@@ -520,7 +521,61 @@ def cmd_fit_phrases(args) -> int:
 
 # the commands that need torch (main() says so without it); the first three take their options from
 # TrainConfig, in the torch-importing training.py
-TORCH_COMMANDS = ("train", "search", "ground", "fit-fluency")
+TORCH_COMMANDS = ("train", "search", "ground", "fit-fluency", "fit-people")
+
+
+def _add_fit_people(sub) -> None:
+    p = sub.add_parser("fit-people", help="fit how the person probe and the person detectors decide together",
+                       description="Fit P(person) from the person probe (ImageNet classes) and the person and "
+                       "face detectors of people.onnx (aicrl/model/people.py) on Flickr8k training photos, "
+                       "where a person is in a photo when most of its captions name one; classes weighted "
+                       "evenly. Written into the model folder's person_head.npz: captioning then uses it. "
+                       "Needs aicrl[train] (the feature cache, scikit-learn).")
+    p.add_argument("--model", metavar="DIR", help="model folder with people.onnx and person_head.npz "
+                   "(default: the model shipped with the package)")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="Flickr8k folder (its photos and captions)")
+    p.add_argument("--features", required=True, metavar="DIR", help="feature cache of the photos by the model's "
+                   "own encoder (aicrl extract-features --model)")
+    p.add_argument("--images", type=int, default=2000, metavar="N", help="training photos to fit on, drawn at "
+                   "random (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the draw")
+    p.set_defaults(func=cmd_fit_people)
+
+
+def cmd_fit_people(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .data.datasets import load_dataset
+    from .data.images import decode_image
+    from .data.features import FeatureCache
+    from .grounding import fit_person_mix
+    from .model.captioner import Captioner, default_model_dir
+    from .model.concepts import imagenet_probabilities
+    from .model.people import PeopleDetector
+
+    folder = args.model or default_model_dir()
+    captioner = Captioner.from_pretrained(folder)
+    people = PeopleDetector.load(folder)
+    if people is None or captioner.person_head is None or captioner.classifier() is None:
+        sys.exit(f"aicrl fit-people: {folder} needs people.onnx, person_head.npz and the ImageNet head")
+    data = load_dataset("flickr8k", args.data_dir)
+    refs = data.references("train")
+    names = sorted(refs)
+    names = [names[i] for i in np.random.default_rng(args.seed).permutation(len(names))[: args.images]]
+    cache = FeatureCache(args.features)
+    probe, detections = [], []
+    for i in tqdm(range(0, len(names), 100), desc="photos", unit="batch"):
+        chunk = names[i:i + 100]
+        grids = cache.get(chunk).float().numpy()
+        probe.append(captioner.person_head(imagenet_probabilities(captioner.classifier(), grids)))
+        detections.append(people([decode_image(data.image_dir / n) for n in chunk]))
+    mix, accuracy = fit_person_mix(np.concatenate(probe), np.concatenate(detections), [refs[n] for n in names])
+    captioner.person_head.mix = mix
+    captioner.person_head.save(folder)
+    print(json.dumps({"mix": {"probe": float(mix[0]), "pose": float(mix[1]), "face": float(mix[2]),
+                              "bias": float(mix[3])}, "balanced_accuracy": round(accuracy, 4), "images": len(names)}))
+    return 0
 
 
 def _add_fit_fluency(sub) -> None:
@@ -589,7 +644,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export, _add_fit_phrases,
-                _add_fit_fluency):
+                _add_fit_fluency, _add_fit_people):
         add(sub)
     if full:
         _add_train(sub)

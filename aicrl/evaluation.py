@@ -221,16 +221,18 @@ def fluency_scores(captioner, predictions: dict[str, str]) -> dict[str, float]:
 
 def caption_images(captioner, names: list[str], features_of: Callable[[list[str]], Any],
                    beam_size: int = 3, style: str | None = None, batch_size: int = 50,
-                   progress: bool = True) -> dict[str, str]:
+                   progress: bool = True, people_of: Callable[[list[str]], Any] | None = None) -> dict[str, str]:
     """Caption `names` batch by batch; `features_of(chunk)` gives their (B, regions, dim) grids
-    (numpy or torch)."""
+    (numpy or torch), `people_of(chunk)` the person detectors' scores (`people_source`), as
+    `Captioner.caption` has them from the photos."""
     from tqdm import tqdm
 
     out = {}
     for i in tqdm(range(0, len(names), batch_size), desc=f"captioning ({style or 'factual'})",
                   unit="batch", disable=not progress):
         chunk = names[i:i + batch_size]
-        for name, hyps in zip(chunk, captioner.decode(features_of(chunk), beam_size, 1, style)):
+        people = people_of(chunk) if people_of else None
+        for name, hyps in zip(chunk, captioner.decode(features_of(chunk), beam_size, 1, style, people=people)):
             out[name] = captioner.vocab.decode(hyps[0].tokens)
     return out
 
@@ -260,6 +262,14 @@ def features_source(captioner, image_dir: str | Path,
         if cache.stage != LAST_STAGE_INPUT and not captioner.encoder_finetuned:
             return cache.get
     return lambda chunk: captioner.encode([Path(image_dir) / n for n in chunk])
+
+
+def people_source(captioner, image_dir: str | Path) -> Callable[[list[str]], Any] | None:
+    """The person detectors' scores of photos by name (from the image files: a feature cache has
+    no pixels), or None where the model has no detectors."""
+    if not captioner.sees_people:
+        return None
+    return lambda chunk: captioner.detect_people([Path(image_dir) / n for n in chunk])
 
 
 def evaluate_factual(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:

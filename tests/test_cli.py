@@ -77,7 +77,8 @@ def test_unknown_style_is_a_clear_error():
         main(["caption", str(SAMPLES / "coffee.jpg"), "--style", "sarcastic"])
 
 
-@pytest.mark.parametrize("command", ["caption", "serve", "index", "evaluate", "train", "search", "extract-features"])
+@pytest.mark.parametrize("command", ["caption", "serve", "index", "evaluate", "train", "search", "extract-features",
+                                     "fit-people"])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([command, "--help"])

@@ -175,3 +175,28 @@ def test_mention_once_covers_the_names_of_things_but_not_people_dogs_or_adjectiv
     once = model._mentioned_once()
     named = {w for w, flag in zip(model.vocab.itos, once) if flag}
     assert {"pizza", "cat", "horse"} <= named and not named & {"man", "dog", "young", "shirt", "a", "riding"}
+
+
+def test_fit_people_writes_the_mix_of_probe_and_detectors(grounded, tiny_flickr, tiny_cache, tmp_path, capsys):
+    import shutil
+
+    from aicrl.cli import main
+    from aicrl.model.concepts import PersonHead
+
+    folder = tmp_path / "model"
+    shutil.copytree(grounded / "best", folder)
+    shutil.copyfile(default_model_dir() / "people.onnx", folder / "people.onnx")
+    data = tmp_path / "flickr8k"
+    shutil.copytree(tiny_flickr, data)
+    token = data / "Flickr8k.token.txt"  # half the photos get a person in most of their captions
+    lines = token.read_text().splitlines()
+    token.write_text("\n".join(line.removesuffix(" .") + " with a man ." if i % 10 < 5 else line
+                               for i, line in enumerate(lines)) + "\n")
+    assert PersonHead.load(folder).mix is None
+    assert main(["fit-people", "--model", str(folder), "--data-dir", str(data), "--features", str(tiny_cache),
+                 "--images", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["mix"]) == {"probe", "pose", "face", "bias"} and report["images"] == 8
+    head = PersonHead.load(folder)
+    assert head.mix is not None and np.allclose(head.mix, [report["mix"][k] for k in ("probe", "pose", "face", "bias")])
+    assert Captioner.from_pretrained(folder, backend="torch").sees_people

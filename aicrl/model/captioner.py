@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..config import BACKENDS, MAX_BEAM_SIZE, MAX_VARIANTS, CaptionerConfig
-from ..data.images import ImageSource, preprocess_array
+from ..data.images import IMAGE_SIZE, ImageSource, decode_image, preprocess_array
 from ..data.vocab import Vocabulary, is_content_word
 from ..decoding import (GenerationOptions, Hypothesis, NoRepeats, StyleGuidance, WordBonus, beam_search,
                         greedy, sample)
@@ -29,6 +29,7 @@ from ..fluency import FluencyJudge
 from ..phrases import OverusedPhrases
 from .concepts import Agreement, ConceptTable, PersonHead, Seen, imagenet_probabilities, top_concepts
 from .folder import ModelFolder
+from .people import PeopleDetector
 from .tags import head_weights, load_head, tags_from_features
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class Captioner:
         self.phrases: OverusedPhrases | None = None  # the styles' stock phrases (phrases.json)
         self.concept_table: ConceptTable | None = None  # ImageNet classes as caption words (concepts.json)
         self.person_head: PersonHead | None = None  # P(person) from the ImageNet class probabilities
+        self.people: PeopleDetector | None = None  # person and face detectors (people.onnx)
         self.fluency: FluencyJudge | None = None  # P(well-formed) of a caption (fluency.onnx)
 
     def to(self, device) -> "Captioner":
@@ -209,6 +211,8 @@ class Captioner:
             self.person_head.save(folder.path)
         if self.fluency is not None and self.fluency.path.resolve() != folder.fluency.resolve():
             shutil.copyfile(self.fluency.path, folder.fluency)  # it reads this vocabulary's word ids
+        if self.people is not None and self.people.path.resolve() != folder.people.resolve():
+            shutil.copyfile(self.people.path, folder.people)
         if metrics is not None:
             folder.write_metrics(metrics)
         if command is not None:
@@ -227,6 +231,7 @@ class Captioner:
         model.concept_table = ConceptTable.load(path or default_model_dir())
         model.person_head = PersonHead.load(path or default_model_dir())
         model.fluency = FluencyJudge.load(path or default_model_dir())
+        model.people = PeopleDetector.load(path or default_model_dir(), threads)
         return model
 
     @classmethod
@@ -316,10 +321,22 @@ class Captioner:
         with torch.inference_mode(), autocast(self.device, autocast_dtype(self.config.precision, self.device)):
             return self.encoder(batch).float().cpu().numpy()
 
-    def seen(self, features) -> list[Seen] | None:
+    @property
+    def sees_people(self) -> bool:
+        """Whether P(person) comes from the person detectors too (people.onnx and the probe's mix)."""
+        return self.people is not None and self.person_head is not None and self.person_head.mix is not None
+
+    def detect_people(self, images: Sequence[ImageSource]) -> np.ndarray | None:
+        """(B, 2) the person and face detectors' scores (model/people.py), or None without them."""
+        if not self.sees_people:
+            return None
+        return self.people([decode_image(i, max_side=IMAGE_SIZE) for i in images])
+
+    def seen(self, features, people: np.ndarray | None = None) -> list[Seen] | None:
         """What the encoder sees in each grid (B, R, F): the concept table's word probabilities (from
-        the ImageNet head) and P(person) (the person probe; None without one). None where the model
-        has no concept table or head."""
+        the ImageNet head) and P(person) (the person probe, mixed with the detectors' scores `people`
+        where given: `detect_people`; None without a probe). None where the model has no concept
+        table or head."""
         if self.concept_table is None:
             return None
         head = self.classifier()
@@ -327,7 +344,7 @@ class Captioner:
             return None
         probs = imagenet_probabilities(head, np.asarray(features, dtype=np.float32))
         words = self.concept_table.word_probabilities(probs)
-        person = self.person_head(probs) if self.person_head is not None else [None] * len(words)
+        person = self.person_head(probs, people) if self.person_head is not None else [None] * len(words)
         return [Seen(w, None if p is None else float(p)) for w, p in zip(words, person)]
 
     def concepts(self, seen: list[Seen] | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -416,11 +433,14 @@ class Captioner:
 
     def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                max_length: int | None = None, guidance: float | None = None,
-               variants: int = 1, seen: list[Seen] | None = None) -> list[list[Hypothesis]]:
+               variants: int = 1, seen: list[Seen] | None = None,
+               people: np.ndarray | None = None) -> list[list[Hypothesis]]:
         """Beam search (greedy for beam_size 1) over grids `features` (B, R, F), numpy or torch.
-        `variants` > 1: that many different captions per image, best first (see `_variants`)."""
+        `variants` > 1: that many different captions per image, best first (see `_variants`). What
+        the encoder sees is `seen`, else read from the grids and the detectors' scores `people`
+        (`detect_people`; without them P(person) is the probe's alone)."""
         features = features.float().cpu().numpy() if hasattr(features, "detach") else np.asarray(features, np.float32)
-        seen = seen if seen is not None else self.seen(features)
+        seen = seen if seen is not None else self.seen(features, people)
         options = self.generation_options(len(features), beam_size, n_best, style, max_length, guidance, seen)
         options.concepts = self.concepts(seen)
         steps = self.steps()
@@ -466,11 +486,12 @@ class Captioner:
         if not 1 <= variants <= MAX_VARIANTS:
             raise ValueError(f"variants must be between 1 and {MAX_VARIANTS}")
         t0 = time.perf_counter()
+        images = [decode_image(i, max_side=IMAGE_SIZE) for i in images]  # once, for the encoder and the detectors
         features = self.encode(images)
         head = self.classifier()  # the tags come from the same features
         tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
+        seen = self.seen(features, self.detect_people(images))  # once: decoding and the check below both read it
         t1 = time.perf_counter()
-        seen = self.seen(features)  # once: decoding and the check below both read it
         hyps = self.decode(features, beam_size, n_best, style, max_length, variants=variants, seen=seen)
         seen = seen or [None] * len(hyps)
         t2 = time.perf_counter()

@@ -151,21 +151,30 @@ PERSON_HEAD_FILE = ModelFolder.PERSON_HEAD  # in a grounded model folder: weight
 
 
 class PersonHead:
-    """P(a person is in the photo) from the ImageNet class probabilities: one weight per class
-    (jerseys, skis and grooms speak for a person; dalmatians against) over a fixed negative bias,
-    fitted on Flickr8k's training photos (grounding.fit_person_head). The bias is fixed, not
-    fitted, so a photo whose classes Flickr8k never showed (food, rooms) gets no person: a probe on
-    the grid itself learnt Flickr8k's base rate (74% people) and saw people in most everyday photos."""
+    """P(a person is in the photo). The probe: one weight per ImageNet class (jerseys, skis and grooms
+    speak for a person; dalmatians against) over a fixed negative bias, fitted on Flickr8k's training
+    photos (grounding.fit_person_head). The bias is fixed, not fitted, so a photo whose classes
+    Flickr8k never showed (food, rooms) gets no person: a probe on the grid itself learnt Flickr8k's
+    base rate (74% people) and saw people in most everyday photos. With `mix` (grounding.fit_person_mix)
+    and the scores of the person and face detectors (model/people.py), the probe's and detectors'
+    log-odds are mixed: mix[:3] weigh probe, pose and face, mix[3] is the bias."""
 
-    def __init__(self, weight: np.ndarray, bias: float):
+    def __init__(self, weight: np.ndarray, bias: float, mix: np.ndarray | None = None):
         self.weight, self.bias = np.asarray(weight, dtype=np.float32), float(bias)
+        self.mix = None if mix is None else np.asarray(mix, dtype=np.float32)
 
-    def __call__(self, imagenet_probs: np.ndarray) -> np.ndarray:
-        logits = np.asarray(imagenet_probs, dtype=np.float32) @ self.weight + self.bias
-        return 1.0 / (1.0 + np.exp(-logits))
+    def __call__(self, imagenet_probs: np.ndarray, detections: np.ndarray | None = None) -> np.ndarray:
+        """(B,) P(person) from (B, 1000) class probabilities, and the detectors' (B, 2) scores
+        where there are a mix and detections (else the probe alone)."""
+        probe = 1.0 / (1.0 + np.exp(-(np.asarray(imagenet_probs, dtype=np.float32) @ self.weight + self.bias)))
+        if self.mix is None or detections is None:
+            return probe
+        x = np.concatenate([log_odds(probe)[:, None], log_odds(detections)], 1)  # as fit_person_mix saw them
+        return 1.0 / (1.0 + np.exp(-(x @ self.mix[:3] + self.mix[3])))
 
     def save(self, model_dir: str | Path) -> None:
-        np.savez(Path(model_dir) / PERSON_HEAD_FILE, weight=self.weight, bias=np.float32(self.bias))
+        mix = {} if self.mix is None else {"mix": self.mix}
+        np.savez(Path(model_dir) / PERSON_HEAD_FILE, weight=self.weight, bias=np.float32(self.bias), **mix)
 
     @classmethod
     def load(cls, model_dir: str | Path) -> "PersonHead | None":
@@ -173,7 +182,12 @@ class PersonHead:
         if not path.is_file():
             return None
         with np.load(path) as f:
-            return cls(f["weight"], float(f["bias"]))
+            return cls(f["weight"], float(f["bias"]), f["mix"] if "mix" in f else None)
+
+
+def log_odds(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float32), eps, 1 - eps)
+    return np.log(p / (1 - p))
 
 
 def concept_names(table: ConceptTable) -> list[str]:

@@ -12,7 +12,8 @@
                          beside the fp32 ones with `--int8`
     classifier.npz       the encoder's ImageNet head, for tags on ONNX Runtime (aicrl/model/tags.py)
     concepts.json        ImageNet classes as caption words (aicrl/model/concepts.py, build_concepts.py)
-    person_head.npz      a grounded model's person probe on the grid (aicrl/model/concepts.py)
+    person_head.npz      a grounded model's person probe, and its mix with people.onnx (aicrl/model/concepts.py)
+    people.onnx          person and face detectors (MediaPipe; aicrl/model/people.py, build_people.py)
     fluency.onnx         the fluency judge over the model's word ids (optional; aicrl/fluency.py)
 
 `ModelFolder` is the only writer of metrics.json. Plain standard library: serving reads model cards
@@ -52,6 +53,7 @@ class ModelFolder:
     CONCEPTS = "concepts.json"
     PERSON_HEAD = "person_head.npz"
     FLUENCY = "fluency.onnx"
+    PEOPLE = "people.onnx"
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -106,6 +108,10 @@ class ModelFolder:
     @property
     def fluency(self) -> Path:
         return self.path / self.FLUENCY
+
+    @property
+    def people(self) -> Path:
+        return self.path / self.PEOPLE
 
     def onnx_graphs(self, int8: bool = False) -> dict[str, Path]:
         """The graph files a backend runs: fp32, or int8 where there is an int8 graph."""
