@@ -37,10 +37,13 @@ def test_the_shipped_detectors_see_the_astronaut_and_no_one_in_the_cat_or_the_co
 def test_the_mix_moves_p_person_where_the_probe_alone_is_unsure(shipped):
     photos = [SAMPLES / n for n in ("astronaut.jpg", "coffee.jpg")]
     features = shipped.encode(photos)
-    probe = [s.person for s in shipped.seen(features)]
-    mixed = [s.person for s in shipped.seen(features, shipped.detect_people(photos))]
+    alone, seen = shipped.seen(features), shipped.seen(features, shipped.detect_people(photos))
+    probe, mixed = [s.person for s in alone], [s.person for s in seen]
     assert mixed[0] > max(probe[0], 0.8)  # the detectors confirm the person
     assert mixed[1] < min(probe[1], 0.1)  # and find none in a cup of coffee
+    # each P(person) comes with the threshold of its own calibration
+    assert {s.person_absent for s in alone} == {PersonHead.PROBE_ABSENT}
+    assert {s.person_absent for s in seen} == {PersonHead.MIX_ABSENT}
 
 
 def test_caption_reads_the_detectors(shipped, monkeypatch):

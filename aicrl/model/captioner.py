@@ -344,8 +344,10 @@ class Captioner:
             return None
         probs = imagenet_probabilities(head, np.asarray(features, dtype=np.float32))
         words = self.concept_table.word_probabilities(probs)
-        person = self.person_head(probs, people) if self.person_head is not None else [None] * len(words)
-        return [Seen(w, None if p is None else float(p)) for w, p in zip(words, person)]
+        if self.person_head is None:
+            return [Seen(w, None) for w in words]
+        absent = self.person_head.absent(people)
+        return [Seen(w, float(p), absent) for w, p in zip(words, self.person_head(probs, people))]
 
     def concepts(self, seen: list[Seen] | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The concept input of a grounded decoder (config.concept_tokens): (B, K) concept ids and
