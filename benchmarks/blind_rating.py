@@ -10,6 +10,11 @@ tell which is which (procedure: docs/blind_rating.md).
     # 3. the table, the readers' agreement, and how well the fluency judge agrees with them
     python benchmarks/blind_rating.py score docs/ratings/NAME [--model DIR]
 
+    # truth to the photo: factual captions of several systems on the same photos, for readers who see them
+    python benchmarks/blind_rating.py make-truth --captions before=B.json after=A.json \
+        --photos-dir ../shared/data/coco_mini --images-of docs/ratings/OLD/key.csv --out docs/ratings/NAME
+    python benchmarks/blind_rating.py truth docs/ratings/NAME
+
 H.json, R.json: `aicrl evaluate --style S --captions FILE` output ({image: caption}, FlickrStyle dev).
 People's captions are drawn from the same style's dev references, one per image, of other images
 than the model's sample, so that no pair gives itself away; both are written the model's way (lower
@@ -147,6 +152,34 @@ def score(args) -> None:
         model.merge_metrics({"blind_ratings": ratings | {folder.name: result}})
 
 
+def make_truth(args) -> None:
+    """A truth sheet (id, photo, caption, verdict) of each system's captions of the same photos,
+    shuffled together, and its key (id, source, image): docs/blind_rating.md, "Truth to the photo"."""
+    rng = random.Random(args.seed)
+    systems = {name: json.loads(Path(path).read_text()) for name, path in (c.split("=", 1) for c in args.captions)}
+    images = sorted(set.intersection(*(set(c) for c in systems.values())))
+    if args.images_of:  # the photos of an earlier sheet, so that ratings can be compared
+        wanted = {r["image"] for r in csv.DictReader(open(args.images_of))}
+        images = [i for i in images if i in wanted]
+    else:
+        rng.shuffle(images)
+        images = images[: args.photos]
+    rows = [(system, image, captions[image]) for system, captions in systems.items() for image in images]
+    rng.shuffle(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    photos = Path(args.photos_dir)
+    with open(out / "sheet.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "photo", "caption", "verdict"])
+        w.writerows([n, f"{photos.name}/{image}", caption, ""] for n, (_, image, caption) in enumerate(rows, 1))
+    with open(out / "key.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "source", "image"])
+        w.writerows([n, system, image] for n, (system, image, _) in enumerate(rows, 1))
+    print(f"{len(rows)} captions of {len(images)} photos -> {out}/sheet.csv (key: {out}/key.csv)")
+
+
 def truth(args) -> None:
     """Shares of captions a reader who saw the photos found true, partly true and false, per source
     (a sheet of id, photo, caption, verdict: docs/blind_rating.md, "Truth to the photo")."""
@@ -185,6 +218,15 @@ def main() -> None:
                    help="record the results in this model folder's metrics.json, under blind_ratings "
                         "(no value: the shipped model)")
     s.set_defaults(func=score)
+    mt = sub.add_parser("make-truth", help="write a truth sheet (captions of photos the reader sees) and its key")
+    mt.add_argument("--captions", nargs="+", required=True, metavar="SYSTEM=FILE",
+                    help="factual captions ({image: caption}) of one system; all are rated on the same photos")
+    mt.add_argument("--photos-dir", required=True, help="the folder the image names are relative to")
+    mt.add_argument("--photos", type=int, default=30, help="photos drawn at random (default 30)")
+    mt.add_argument("--images-of", metavar="KEY", help="the photos of this earlier key.csv instead of a draw")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--out", required=True)
+    mt.set_defaults(func=make_truth)
     t = sub.add_parser("truth", help="the table of a truth rating (photos seen: true, partly, false)")
     t.add_argument("folder")
     t.set_defaults(func=truth)

@@ -11,8 +11,9 @@ often (MIN_COUNT); a hypernym lemma much more common still (RATIO, within LOOKAH
 "dalmatian" and "golden retriever" become "dog" while "zebra" stays "zebra". Abstract hypernyms
 (STOP) end the walk; OVERRIDES fix the few classes where caption frequency picks the wrong sense.
 The COCO class is the first of the chain's lemmas (up to the chosen word) that the CHAIR synonyms
-name. Each word's forms (for "does this caption mention it") are its lemmas and the lemmas of its
-WordNet hyponyms that captions use, with plurals. The caption counts are used only here.
+name. Each word's forms (for "does this caption mention it") are its lemmas, the lemmas of its
+WordNet hyponyms that captions use and its COCO class's CHAIR synonyms ("airliner" -> "plane", "jet":
+so the COCO caption text teaches the decoder the concept), with plurals. The caption counts are used only here.
 Needs nltk (a dependency) and the wordnet-base files; it is not needed at run time.
 """
 from __future__ import annotations
@@ -83,6 +84,12 @@ OVERRIDES = {  # label -> (word, coco class or None), where the commonest lemma 
     "tabby": ("cat", "cat"),  # "tabby" is common enough to keep, but "cat" is what most captions say
     "purse": ("purse", "handbag"),
     "motor scooter": ("scooter", "motorcycle"),
+    # ImageNet's word where captions have another: COCO's photos of these say "sink", "train", "beach"
+    "washbasin": ("sink", "sink"),
+    "passenger car": ("train", "train"),  # the railway carriage, not COCO's car
+    "seashore": ("beach", None),
+    "lampshade": ("lamp", None),
+    "quilt": ("bed", "bed"),  # its photos show a made bed
 }
 # nltk's reader wants WordNet's lexnames file, which Debian's package leaves out (lexnames(5WN)).
 LEXNAMES = """adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute
@@ -182,14 +189,34 @@ def coco_class(wordnet, chain: list, word: str, synonyms: dict[str, str]) -> str
     return next((synonyms[n] for n in names if n in synonyms), None)
 
 
-def word_forms(wordnet, word: str, synset, counts: Counter) -> list[str]:
+def word_forms(wordnet, word: str, synset, counts: Counter, coco_names: list[str] = ()) -> list[str]:
     """The word, its synset's lemmas and its hyponyms' lemmas that captions use (as their first
-    sense: "dog" is also a person in WordNet), with plurals."""
-    forms = {word}
+    sense: "dog" is also a person in WordNet), and `coco_names` (its COCO class's synonyms), with
+    plurals."""
+    forms = {word, *coco_names}
     if synset is not None and word not in PERSON_WORDS:  # concepts.PERSON_WORDS: WordNet's are too many
         for s in [synset, *synset.closure(lambda s: s.hyponyms())]:
             forms.update(t for t in common_lemmas(wordnet, s, senses=1) if counts[t] >= MIN_FORM_COUNT)
     return sorted(forms | {plural(f) for f in forms})
+
+
+def coco_names(classes: list[dict], synonyms: dict[str, str]) -> dict[str, list[str]]:
+    """word -> the CHAIR synonyms of its COCO class; where one of the class's words is the class
+    itself ("dog"), only that word takes them (a puppy is a dog, not a greyhound), else each of its
+    words does ("airliner" and "warplane" both take "jet" and "plane"). Not for people, whose words
+    concepts.PERSON_WORDS keeps."""
+    by_class: dict[str, list[str]] = {}
+    for name, coco in synonyms.items():
+        by_class.setdefault(coco, []).append(name)
+    words_of: dict[str, list[str]] = {}
+    for c in classes:
+        if c["coco"] and c["coco"] != "person" and c["word"] not in PERSON_WORDS:
+            words_of.setdefault(c["coco"], []).append(c["word"])
+    out: dict[str, list[str]] = {}
+    for coco, words in words_of.items():
+        for word in [coco] if coco in words else words:
+            out[word] = by_class.get(coco, [])
+    return out
 
 
 def build(wordnet, wnids: list[str], counts: Counter, synonyms: dict[str, str]) -> dict:
@@ -207,7 +234,8 @@ def build(wordnet, wnids: list[str], counts: Counter, synonyms: dict[str, str]) 
             coco = coco_class(wordnet, chain, word, synonyms)
             word_synsets.setdefault(word, chain[at])
         classes.append({"label": label, "wnid": wnid, "word": word, "coco": coco})
-    forms = {w: word_forms(wordnet, w, s, counts) for w, s in sorted(word_synsets.items())}
+    names = coco_names(classes, synonyms)
+    forms = {w: word_forms(wordnet, w, s, counts, names.get(w, [])) for w, s in sorted(word_synsets.items())}
     return {"source": "WordNet 3.0 hypernyms, words chosen by use in Flickr8k and COCO captions "
                       "(aicrl/model/build_concepts.py)", "classes": classes, "forms": forms}
 
