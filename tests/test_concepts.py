@@ -62,3 +62,24 @@ def test_tags_use_the_same_probabilities():
     assert probs.shape == (2, 1000) and np.allclose(probs.sum(1), 1)
     tags = tags_from_features(head, features, top_k=1, min_probability=0)
     assert tags[0][0]["label"] == imagenet_classes()[int(probs[0].argmax())]
+
+
+def test_a_words_forms_take_its_coco_class_synonyms_but_not_peoples():
+    from aicrl.model.build_concepts import coco_names
+
+    synonyms = {"airplane": "airplane", "jet": "airplane", "plane": "airplane", "man": "person", "pitcher": "person"}
+    classes = [{"word": "airliner", "coco": "airplane"}, {"word": "warplane", "coco": "airplane"},
+               {"word": "baseball player", "coco": "person"}, {"word": "espresso", "coco": None}]
+    names = coco_names(classes, synonyms)
+    assert sorted(names["airliner"]) == ["airplane", "jet", "plane"] == sorted(names["warplane"])
+    assert "baseball player" not in names and "espresso" not in names
+
+
+def test_the_shipped_table_lets_coco_captions_teach_imagenets_words():
+    from aicrl.model.concepts import SentenceConcepts, concept_names
+
+    table = ConceptTable.load(Path(__file__).resolve().parents[1] / "aicrl" / "pretrained")
+    names, find = concept_names(table), SentenceConcepts(table)
+    named = lambda caption: [names[i - 1] for i in find(caption.split())]  # noqa: E731
+    assert named("a large jet on the runway") == ["airliner"]  # ImageNet's class; COCO says jet or plane
+    assert named("a white sink in a bathroom") == ["sink"]  # the washbasin class
