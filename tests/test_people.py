@@ -89,3 +89,16 @@ def test_fit_person_mix_trusts_the_detector_that_agrees_with_the_captions():
 def test_a_folder_without_people_onnx_has_no_detector(tmp_path):
     assert PeopleDetector.load(tmp_path) is None
     assert (default_model_dir() / "people.onnx").is_file()
+
+
+def test_a_broken_people_onnx_is_said_and_the_probe_decides(tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_dir(), folder)
+    (folder / "people.onnx").write_bytes(b"not an onnx graph")
+    model = Captioner.from_pretrained(folder, backend="onnx")
+    [result] = model.caption([SAMPLES / "coffee.jpg"])
+    assert result.captions[0].text
+    assert "people.onnx" in capsys.readouterr().err and model.people is None
+    assert model.detect_people([SAMPLES / "coffee.jpg"]) is None  # said once, then the probe alone

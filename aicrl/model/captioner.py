@@ -327,10 +327,20 @@ class Captioner:
         return self.people is not None and self.person_head is not None and self.person_head.mix is not None
 
     def detect_people(self, images: Sequence[ImageSource]) -> np.ndarray | None:
-        """(B, 2) the person and face detectors' scores (model/people.py), or None without them."""
+        """(B, 2) the person and face detectors' scores (model/people.py), or None without them. A
+        people.onnx that ONNX Runtime cannot load is said once on stderr and left out: P(person)
+        is then the probe's, and captioning goes on."""
+        from ..runtime import OnnxModelError
+
         if not self.sees_people:
             return None
-        return self.people([decode_image(i, max_side=IMAGE_SIZE) for i in images])
+        pictures = [decode_image(i, max_side=IMAGE_SIZE) for i in images]  # a bad photo raises here
+        try:
+            return self.people(pictures)
+        except OnnxModelError as e:
+            print(f"aicrl: {e}; people are judged by the person probe alone", file=sys.stderr)
+            self.people = None
+            return None
 
     def seen(self, features, people: np.ndarray | None = None) -> list[Seen] | None:
         """What the encoder sees in each grid (B, R, F): the concept table's word probabilities (from
