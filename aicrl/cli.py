@@ -552,11 +552,10 @@ def cmd_fit_people(args) -> int:
     from .grounding import fit_person_mix
     from .model.captioner import Captioner, default_model_dir
     from .model.concepts import imagenet_probabilities
-    from .model.people import PeopleDetector
 
     folder = args.model or default_model_dir()
     captioner = Captioner.from_pretrained(folder)
-    people = PeopleDetector.load(folder)
+    people = captioner.people  # loaded with the folder
     if people is None or captioner.person_head is None or captioner.classifier() is None:
         sys.exit(f"aicrl fit-people: {folder} needs people.onnx, person_head.npz and the ImageNet head")
     data = load_dataset("flickr8k", args.data_dir)

@@ -327,14 +327,16 @@ class Captioner:
         return self.people is not None and self.person_head is not None and self.person_head.mix is not None
 
     def detect_people(self, images: Sequence[ImageSource]) -> np.ndarray | None:
-        """(B, 2) the person and face detectors' scores (model/people.py), or None without them. A
-        people.onnx that ONNX Runtime cannot load is said once on stderr and left out: P(person)
-        is then the probe's, and captioning goes on."""
+        """(B, 2) the person and face detectors' scores (model/people.py), or None without them."""
+        return self._detect([decode_image(i, max_side=IMAGE_SIZE) for i in images]) if self.sees_people else None
+
+    def _detect(self, pictures: list) -> np.ndarray | None:
+        """`detect_people` of photos already decoded. A people.onnx that ONNX Runtime cannot load is
+        said once on stderr and left out: P(person) is then the probe's, and captioning goes on."""
         from ..runtime import OnnxModelError
 
         if not self.sees_people:
             return None
-        pictures = [decode_image(i, max_side=IMAGE_SIZE) for i in images]  # a bad photo raises here
         try:
             return self.people(pictures)
         except OnnxModelError as e:
@@ -502,7 +504,7 @@ class Captioner:
         features = self.encode(images)
         head = self.classifier()  # the tags come from the same features
         tags = tags_from_features(head, features) if head is not None else [[] for _ in images]
-        seen = self.seen(features, self.detect_people(images))  # once: decoding and the check below both read it
+        seen = self.seen(features, self._detect(images))  # once: decoding and the check below both read it
         t1 = time.perf_counter()
         hyps = self.decode(features, beam_size, n_best, style, max_length, variants=variants, seen=seen)
         seen = seen or [None] * len(hyps)
