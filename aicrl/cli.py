@@ -273,7 +273,7 @@ def _add_caption(sub) -> None:
 def cmd_caption(args) -> int:
     from tqdm import tqdm
 
-    from .data.images import IMAGE_SUFFIXES, ImageLoadError, load_image
+    from .data.images import IMAGE_SIZE, IMAGE_SUFFIXES, ImageLoadError, decode_image
     from .model.captioner import Captioner
     from .visualize import attention_figure
 
@@ -302,7 +302,9 @@ def cmd_caption(args) -> int:
         chunk, images = [], []
         for f in files[i:i + args.batch_size]:
             try:
-                images.append(load_image(f))
+                # as the web app does: the photo upright, whole, not yet squeezed square (the people
+                # detectors see it letterboxed, the encoder at 224x224)
+                images.append(decode_image(f, max_side=IMAGE_SIZE))
                 chunk.append(f)
             except ImageLoadError as e:
                 failures += 1

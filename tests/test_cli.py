@@ -54,6 +54,21 @@ def test_caption_json_lines(capsys):
     assert all(0.05 <= t["probability"] <= 1 for line in lines for t in line["tags"])
 
 
+def test_caption_sees_each_photo_whole_as_the_web_app_does(shipped, monkeypatch, capsys):
+    """The people detectors letterbox the photo itself: the CLI must not hand them a squeezed 224x224 copy,
+    or `aicrl caption` and the API would caption the same photo differently."""
+    from aicrl.model.people import PeopleDetector
+
+    sizes = []
+    real = PeopleDetector.__call__
+    monkeypatch.setattr(PeopleDetector, "__call__", lambda self, images: sizes.extend(i.size for i in images)
+                        or real(self, images))
+    assert main(["caption", str(SAMPLES / "coffee.jpg"), "--json"]) == 0
+    assert sizes == [(600, 400)]
+    api = shipped.caption([(SAMPLES / "coffee.jpg").read_bytes()])[0].captions[0].text
+    assert json.loads(capsys.readouterr().out)["captions"][0]["text"] == api
+
+
 def test_n_best_wider_than_the_beam_widens_it(capsys):
     assert main(["caption", str(SAMPLES / "coffee.jpg"), "--json", "--n-best", "4", "--beam-size", "2"]) == 0
     out = capsys.readouterr()
