@@ -41,6 +41,10 @@ def test_person_and_dog_hallucination():
     preds = {"a": "a white dog is jumping", "b": "a girl and a puppy", "c": "a group of people eat"}
     assert person_dog_hallucination(preds, refs) == {"person_or_dog": round(2 / 3, 4), "person": round(1 / 3, 4),
                                                      "dog": round(1 / 3, 4)}
+    # the words of a person's role or doing count as people, in captions and references alike
+    refs = {"a": ["a parking meter on a street"], "b": ["a cyclist rides past a bus"]}
+    preds = {"a": "a kayaker in a white shirt", "b": "a man on a bike next to a bus"}
+    assert person_dog_hallucination(preds, refs)["person"] == 0.5
 
 
 def test_tag_agreement_uses_words_and_coco_synonyms(tmp_path, synonyms):

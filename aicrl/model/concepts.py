@@ -19,13 +19,20 @@ from .folder import ModelFolder
 
 FILE = ModelFolder.CONCEPTS
 # Words that name a person or a dog in a caption (from the CHAIR synonyms of COCO's "person" and
-# "dog", Rohrbach et al. 2018, plus the plurals and everyday words Flickr8k's captions use).
+# "dog", Rohrbach et al. 2018, plus the plurals and everyday words Flickr8k's captions use). Words
+# that often name things ("pitcher", "fan") are left out.
 PERSON_WORDS = frozenset("""
 person people persons man men woman women boy boys girl girls child children kid kids baby babies
 adult adults guy guys lady ladies gentleman gentlemen teenager teenagers toddler toddlers player
 players rider riders biker bikers skier skiers snowboarder snowboarders skater skaters skateboarder
 skateboarders surfer surfers swimmer swimmers climber climbers crowd worker workers mother father
-bride groom couple family friends student students soldier soldiers officer policeman cop chef
+bride groom couple family friends student students soldier soldiers officer officers policeman cop
+chef chefs male males female females passenger passengers driver drivers sister sisters brother
+brothers cowboy cowgirl hunter walker bicyclist bicyclists cyclist cyclists motorcyclist
+motorcyclists pedestrian pedestrians hiker hikers runner runners jogger kayaker athlete athletes
+dancer dancers musician musicians singer performer audience spectators tourists someone somebody
+individual individuals infant teen teens dad mom son daughter wife husband batter catcher umpire
+referee goalie wrestler wrestlers boxer gymnast fisherman sailor clown clowns vendor
 """.split())
 DOG_WORDS = frozenset("""
 dog dogs puppy puppies pup pups doggy doggie canine canines hound hounds terrier terriers poodle
