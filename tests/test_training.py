@@ -182,6 +182,8 @@ def test_repetition_bans_stop_loops_but_not_function_words():
     third = repetition_bans(np.array([[ids[w] for w in rows[2].split()]]), content)
     assert np.flatnonzero(third[0]).tolist() == [ids["blue"], ids["and"]]  # a third "blue", "and and": no
     assert not repetition_bans(history[:, :0], content).any()
+    again = repetition_bans(np.array([[ids[w] for w in "in a red shirt in a".split()]]), content)
+    assert np.flatnonzero(again[0]).tolist() == [ids["a"], ids["red"]]  # "in a red" twice: no
     # words said at most once (config.mention_once: the names of things): "a bike ... a bike" is a loop
     once = np.array([w == "bike" for w in words])
     rows = np.array([[ids[w] for w in "a bike and a".split()], [ids[w] for w in "a red shirt and".split()]])

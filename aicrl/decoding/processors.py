@@ -60,8 +60,9 @@ def repetition_bans(history: np.ndarray, content: np.ndarray, once: np.ndarray |
     ("a beautiful beautiful sunset"), the second word of a pair of content words said before (after
     "a blue shirt and blue", "shirt"), and a content word said twice already ("blue shirt and blue
     shorts and blue ..."). `content` (V,) marks the content words; function words ("in a", "a red")
-    may otherwise repeat freely. `once` (V,) marks words said at most once ("a pizza with a pizza on
-    it"): the names of things, where a second mention is almost always a loop."""
+    may otherwise repeat freely, but no three words twice ("a plate of food with a plate of food",
+    Hugging Face's no_repeat_ngram_size=3). `once` (V,) marks words said at most once ("a pizza with a
+    pizza on it"): the names of things, where a second mention is almost always a loop."""
     history, content = np.asarray(history, dtype=np.int64), np.asarray(content, dtype=bool)
     n, t = history.shape
     ban = np.zeros((n, content.size), dtype=bool)
@@ -72,6 +73,9 @@ def repetition_bans(history: np.ndarray, content: np.ndarray, once: np.ndarray |
         hit = (before == history[:, -1:]) & content[before] & content[after]
         rows, cols = np.nonzero(hit)
         ban[rows, after[rows, cols]] = True
+        trigram = (history[:, :-2] == history[:, -2:-1]) & (history[:, 1:-1] == history[:, -1:])
+        rows, cols = np.nonzero(trigram)
+        ban[rows, history[rows, cols + 2]] = True
         counts = np.zeros(ban.shape, dtype=np.int32)
         index = np.arange(n)
         for j in range(t):
