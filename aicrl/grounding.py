@@ -61,6 +61,9 @@ class GroundingConfig:
     concept_tokens: int = _option(6, "concept regions per photo (one of them is the person probe)")
     min_freq: int = _option(5, "a word of the text joins the vocabulary when seen this often")
     grid_dropout: float = _option(0.25, "share of photo batches shown without their grid (concepts alone)")
+    person_from_caption: bool = _option(False, "the person slot of a photo's concepts says whether the caption "
+                                               "names a person (as for caption text), not what the probe sees: the "
+                                               "decoder learns to follow it, and writes no one where P(person) is low")
     epochs: int = _option(3, "epochs of cross-entropy training")
     lr: float = _option(2e-4, "Adam learning rate")
     concept_lr: float = _option(4e-3, "learning rate of the new concept embeddings (each is seen in few batches)")
@@ -181,13 +184,18 @@ def text_concepts(found: list[list[int]], person: int, k: int, rng: np.random.Ge
     the person slot first, then the named concepts, each with a tagger-like confidence; a few are
     dropped, as a tagger misses things."""
     ids, probs = np.zeros((len(found), k), np.int64), np.zeros((len(found), k), np.float32)
+    ids[:, 0], probs[:, 0] = person, person_slot(np.array([person in c for c in found]), rng)
     for r, concepts in enumerate(found):
-        ids[r, 0] = person
-        probs[r, 0] = rng.uniform(0.6, 1.0) if person in concepts else rng.uniform(0.0, 0.25)
         named = [c for c in concepts if c != person and rng.random() > 0.15][:k - 1]
         ids[r, 1:1 + len(named)] = named
         probs[r, 1:1 + len(named)] = np.sort(rng.uniform(0.3, 1.0, len(named)))[::-1]
     return ids, probs
+
+
+def person_slot(named: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N,) the person slot's probability for captions that name a person (`named`) or not: clearly on
+    or clearly off, as a tagger that is sure would give it."""
+    return np.where(named, rng.uniform(0.6, 1.0, len(named)), rng.uniform(0.0, 0.25, len(named))).astype(np.float32)
 
 
 @dataclass
@@ -218,6 +226,10 @@ class GroundingRun:
             ids, probs = map(np.stack, zip(*(self.concepts_of[n] for n in images)))
             feats = torch.from_numpy(np.stack([self.grids[n] for n in images])).float() if kind == "photo" else no_grid
             styles, captions = torch.tensor([self.style_id[r[1]] for r in rows]), [r[2] for r in rows]
+            if cfg.person_from_caption:
+                probs = probs.copy()
+                probs[:, 0] = person_slot(np.array([any(w in PERSON_WORDS for w in tokenize(c)) for c in captions]),
+                                          self.rng)
         tokens = pad([vocab.encode(c, cfg.max_words) for c in captions], vocab.pad)
         logits, alphas = decoder(feats, tokens, styles if decoder.style_embed is not None else None,
                                  (torch.from_numpy(ids), torch.from_numpy(probs)))
@@ -242,8 +254,14 @@ def prepare(cfg: GroundingConfig) -> GroundingRun:
     counts = Counter(w for c in text for w in tokenize(c))
     new_words = sorted((w for w, n in counts.items() if n >= cfg.min_freq), key=lambda w: (-counts[w], w))
     new_words += [w for name in concept_names(table) for w in name.split()]
-    model = widen(Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu"), new_words, table,
-                  cfg.concept_tokens)
+    start = Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu")
+    model = widen(start, new_words, table, cfg.concept_tokens)
+    # From a grounded model the stage trains on: its concepts' embeddings, its person head (with the
+    # detectors' mix) and its detectors stay, and its fluency judge where the words keep their ids.
+    grounded = bool(start.config.concept_tokens)
+    if grounded:
+        model.people = start.people
+        model.fluency = start.fluency if len(model.vocab) == len(start.vocab) else None
 
     train_images, dev_images = data.images("train"), data.images("dev")[: cfg.dev_images or None]
     grids = dict(zip(train_images + dev_images, FeatureCache(cfg.features).get(train_images + dev_images).numpy()))
@@ -251,10 +269,13 @@ def prepare(cfg: GroundingConfig) -> GroundingRun:
     probs = np.concatenate([imagenet_probabilities(head, np.stack([grids[n] for n in train_images[i:i + 500]]))
                             for i in range(0, len(train_images), 500)])
     refs = data.references("train")
-    model.person_head, accuracy = fit_person_head(probs, [refs[n] for n in train_images])
-    log.info("person probe: %.3f training accuracy", accuracy)
+    if grounded:
+        model.person_head = start.person_head
+    else:
+        model.person_head, accuracy = fit_person_head(probs, [refs[n] for n in train_images])
+        log.info("person probe: %.3f training accuracy", accuracy)
+        init_concepts(model.decoder, head, table)
     ids, weights = top_concepts(table.word_probabilities(probs), model.person_head(probs), cfg.concept_tokens)
-    init_concepts(model.decoder, head, table)
 
     style_id = {s: i for i, s in enumerate(model.styles)}
     photo_rows = [(r.image, FACTUAL, r.caption) for r in data.select("train")]

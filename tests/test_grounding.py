@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aicrl.data.features import FeatureCache
-from aicrl.grounding import GroundingConfig, ground, widen
+from aicrl.grounding import GroundingConfig, ground, person_slot, prepare, widen
 from aicrl.model.captioner import Captioner, default_model_dir
 from aicrl.model.concepts import ConceptTable, SentenceConcepts, concept_names, top_concepts
 
@@ -72,6 +72,25 @@ def test_grounding_trains_resumes_and_saves_a_grounded_folder(grounded):
     assert "zebra" in model.vocab.stoi and model.config.concept_tokens == 6
 
 
+def test_a_grounded_model_trains_on_with_its_concepts_and_a_person_slot_from_the_caption(grounded, tiny_flickr,
+                                                                                         tiny_cache, tmp_path):
+    start = Captioner.from_pretrained(grounded / "best", backend="torch")
+    cfg = GroundingConfig(init_from=str(grounded / "best"), data_dir=str(tiny_flickr), features=str(tiny_cache),
+                          concepts=str(CONCEPTS), out=str(tmp_path / "again"), person_from_caption=True, batch_size=8)
+    run = prepare(cfg)
+    assert torch.equal(run.model.decoder.concept_embed.weight, start.decoder.concept_embed.weight)
+    assert np.array_equal(run.model.person_head.weight, start.person_head.weight)
+    seen = []
+    real = run.model.decoder.forward
+    run.model.decoder.forward = lambda *a: seen.append(a[3][1][:, 0].clone()) or real(*a)
+    rows = [(image, "factual", caption) for image, caption in
+            [(run.batches.photo_rows[0][0], "a man rides a bike"), (run.batches.photo_rows[0][0], "a red bike")]]
+    run.loss("photo", rows)
+    assert seen[0][0] >= 0.6 and seen[0][1] <= 0.25  # the caption decides, not the photo
+    slot = person_slot(np.array([True, False] * 50), np.random.default_rng(0))
+    assert (slot[::2] >= 0.6).all() and (slot[1::2] <= 0.25).all()
+
+
 def test_a_grounded_folder_decodes_the_same_on_onnx_and_torch(grounded, tiny_cache, tmp_path):
     import shutil
 
@@ -80,6 +99,7 @@ def test_a_grounded_folder_decodes_the_same_on_onnx_and_torch(grounded, tiny_cac
     folder = tmp_path / "grounded"
     shutil.copytree(grounded / "best", folder)
     torch_model = Captioner.from_pretrained(folder, backend="torch")
+    torch_model.config.precision = "fp32"  # as ONNX Runtime runs it: no bf16 near-ties between the two
     export_onnx(folder)
     onnx_model = Captioner.from_pretrained(folder, backend="onnx")
     cache = FeatureCache(tiny_cache)
