@@ -176,6 +176,9 @@ def _add_ground(sub) -> None:
                        "without their grid, and caption text with the concepts it names. Resumable: rerun the "
                        "same command after a kill.")
     for f in fields(GroundingConfig):
+        if str(f.type) == "bool":  # a switch, off by default
+            p.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.metadata["help"])
+            continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
         required = f.default is REQUIRED
         shown = "" if required or f.default == "" else f" (default {f.default})"
