@@ -212,6 +212,9 @@ def test_style_guidance_prefers_what_the_style_adds_among_plausible_words():
     assert np.isinf(guided[0, [0, 1, 3]]).all() and np.isclose(np.exp(guided).sum(), 1.0)
     assert np.array_equal(logprobs(StyleGuidance(0.0)), plain)
     assert styled[0, 0] == 0.0  # the caller's logits are not changed in place
+    # one weight per image: the row of image 1 is guided as with 1.0 alone
+    ctx.images = np.ones(1, np.int64)
+    assert np.array_equal(logprobs(StyleGuidance(np.array([0.0, 1.0]))), guided)
 
 
 def test_two_process_ddp_keeps_replicas_identical(tiny_flickr, tiny_cache, tmp_path):

@@ -112,17 +112,20 @@ class StyleGuidance:
     """Pushes a styled distribution away from the base (factual) one: log p + w (log p - log p_base),
     the words a style prefers over plain description. Only words the style itself finds plausible
     (p >= keep * max p, the constraint of contrastive decoding) can win, so content stays sane.
-    Needs the search to decode the base style alongside (`GenerationOptions.base_styles`)."""
-    weight: float
+    Needs the search to decode the base style alongside (`GenerationOptions.base_styles`). `weight`:
+    one for every image, or (B,) one per image."""
+    weight: float | np.ndarray
     keep: float = 0.1
 
     def __call__(self, scores: np.ndarray, ctx: StepContext) -> np.ndarray:
-        if ctx.base_logits is None or self.weight == 0:
+        if ctx.base_logits is None or not np.any(self.weight):
             return scores
+        weight = np.float32(self.weight) if np.ndim(self.weight) == 0 else \
+            np.asarray(self.weight, dtype=np.float32)[ctx.images][:, None]
         lp = log_softmax(scores)
         plausible = lp >= lp.max(-1, keepdims=True) + np.float32(math.log(self.keep))
         with np.errstate(invalid="ignore"):  # -inf - -inf where a word is banned in both: masked out here
-            guided = lp + np.float32(self.weight) * (lp - log_softmax(ctx.base_logits))
+            guided = lp + weight * (lp - log_softmax(ctx.base_logits))
         return np.where(plausible, guided, NEG_INF).astype(np.float32)
 
 

@@ -422,7 +422,7 @@ class Captioner:
         return [hyps[i] for i in order[:n_best]]
 
     def generation_options(self, n: int, beam_size: int = 3, n_best: int = 1, style: str | None = None,
-                           max_length: int | None = None, guidance: float | None = None,
+                           max_length: int | None = None, guidance: "float | np.ndarray | None" = None,
                            seen: list[Seen] | None = None) -> GenerationOptions:
         """How `decode` decodes `n` images: the config's defaults and the per-word rules. A styled
         caption is contrasted with the default (factual) one (StyleGuidance) and kept off the style's
@@ -432,18 +432,19 @@ class Captioner:
         styles = self.style_ids(style, n)
         styled = styles is not None and style not in (None, "", self.styles[0])
         guidance = self.config.guidance_for(style) if guidance is None else guidance
+        guided = styled and bool(np.any(np.asarray(guidance) > 0))
         processors: list = [NoRepeats(self.content_words, self._mentioned_once())] if self.config.block_repeats else []
         phrases = self.phrases.for_style(style, self.vocab.stoi, len(self.vocab)) if styled and self.phrases else None
         if phrases is not None:
             processors.append(phrases)
-        if styled and guidance > 0:
+        if guided:
             processors.append(StyleGuidance(guidance))
         if seen and (self.config.concept_bonus or self.config.absent_penalty):
             processors.append(WordBonus(self._checker().word_bonus(seen, self.vocab.stoi, self.config.concept_bonus,
                                                                   self.config.absent_penalty)))
         return GenerationOptions(self.vocab.start, self.vocab.end, max_length or self.config.max_length, beam_size,
                                  n_best, self.config.length_penalty, styles,
-                                 np.zeros_like(styles) if styled and guidance > 0 else None, processors=processors)
+                                 np.zeros_like(styles) if guided else None, processors=processors)
 
     def decode(self, features, beam_size: int = 3, n_best: int = 1, style: str | None = None,
                max_length: int | None = None, guidance: float | None = None,
@@ -477,19 +478,32 @@ class Captioner:
         the grid's are false, a styled beam pushed more gently for the fluency judge), reranked by
         agreement with what the encoder sees and by the judge."""
         agree = bool(self.config.rerank_by_agreement and seen)
-        beams = beam_search(steps, features, options)
+        gentler = list(self.config.fluency_pool) if judged and style is not None else []
+        beams, *pools = self._guided_beams(steps, features, options, seen, style, guidance, gentler)
         if agree and self.config.concept_pool and options.concepts is not None:
             beams = self._with_concept_captions(beams, seen, steps, features, options)
-        if judged and style is not None:
-            weight = self.config.guidance_for(style) if guidance is None else guidance
-            for fraction in self.config.fluency_pool:
-                gentler = self.generation_options(len(features), options.beam_size, options.n_best, style,
-                                                  options.max_length, weight * fraction, seen)
-                gentler.concepts = options.concepts
-                beams = _pooled(beams, beam_search(steps, features, gentler))
+        for more in pools:
+            beams = _pooled(beams, more)
         if not (agree or judged):
             return beams
         return [self._rerank(b, s, len(b), judged) for b, s in zip(beams, seen if agree else [None] * len(beams))]
+
+    def _guided_beams(self, steps, features, options: GenerationOptions, seen: list[Seen] | None,
+                      style: str | None, guidance: float | None, fractions: list[float]) -> list[list[list[Hypothesis]]]:
+        """The beams of `options`, then, for each of `fractions`, the beams of the same search with the
+        style pushed that fraction as hard: all in one search over the images repeated, so that the
+        decoder runs once per word for all of them (one photo's styled caption: about 60 ms less)."""
+        if not fractions:
+            return [beam_search(steps, features, options)]
+        n, reps = len(features), 1 + len(fractions)
+        weight = self.config.guidance_for(style) if guidance is None else guidance
+        weights = np.repeat([weight, *(weight * f for f in fractions)], n).astype(np.float32)
+        tiled = self.generation_options(n * reps, options.beam_size, options.n_best, style, options.max_length,
+                                        weights, None if seen is None else list(seen) * reps)
+        if options.concepts is not None:
+            tiled.concepts = tuple(np.tile(c, (reps, 1)) for c in options.concepts)
+        found = beam_search(steps, np.tile(features, (reps, 1, 1)), tiled)
+        return [found[i * n:(i + 1) * n] for i in range(reps)]
 
     def caption(self, images: Sequence[ImageSource], beam_size: int = 3, n_best: int = 1,
                 style: str | None = None, max_length: int | None = None, variants: int = 1) -> list[CaptionResult]:
