@@ -63,37 +63,48 @@ class Hypothesis:
 
 @dataclass
 class _Stepper:
-    """The decoder state of the rows still decoding, and the base style's rows in step with them."""
+    """The decoder state of the rows still decoding. With `options.base_styles` the base style's rows
+    run in the same decoder calls, after the styled ones (the images twice: one call per word
+    instead of two, which for one photo is most of a step's time)."""
     steps: StepDecoder
     options: GenerationOptions
     state: Any = None
-    base_state: Any = None
+    rows: int = 0  # live rows of the styled half (the base half has as many)
     specials: SpecialTokens = field(init=False)
 
     def __post_init__(self):
         self.specials = SpecialTokens(self.options.start, self.options.end)
 
+    @property
+    def paired(self) -> bool:
+        return self.options.base_styles is not None
+
     def begin(self, features: np.ndarray, repeat: int) -> None:
-        concepts = self.options.concepts
-        self.state = self.steps.start(features, _ints(self.options.styles), repeat, concepts)
-        if self.options.base_styles is not None:
-            self.base_state = self.steps.start(features, _ints(self.options.base_styles), repeat, concepts)
+        concepts, styles = self.options.concepts, _ints(self.options.styles)
+        self.rows = len(features) * repeat
+        if self.paired:
+            features = np.concatenate([features, features])
+            styles = np.concatenate([styles, _ints(self.options.base_styles)])
+            concepts = None if concepts is None else tuple(np.concatenate([c, c]) for c in concepts)
+        self.state = self.steps.start(features, styles, repeat, concepts)
 
     def logprobs(self, words: np.ndarray, history: np.ndarray, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(log-probabilities of the next word (N, V), attention (N, R)) of every live row."""
-        logits, self.state, alpha = self.steps.step(words, self.state)
         ctx = StepContext(history.shape[1], history, images)
-        if self.base_state is not None:
-            base_logits, self.base_state, _ = self.steps.step(words, self.base_state)
+        if self.paired:
+            logits, self.state, alpha = self.steps.step(np.concatenate([words, words]), self.state)
+            logits, base_logits, alpha = logits[:self.rows], logits[self.rows:], alpha[:self.rows]
             ctx.base_logits = self.specials(base_logits, ctx)
+        else:
+            logits, self.state, alpha = self.steps.step(words, self.state)
         processors = [self.specials, *self.options.processors]
         return next_word_logprobs(logits, ctx, processors), np.asarray(alpha, dtype=np.float32)
 
     def keep(self, rows: np.ndarray, method: str) -> None:
         """Reorder (beams move) or select (rows leave) the state's rows."""
-        self.state = getattr(self.steps, method)(self.state, rows)
-        if self.base_state is not None:
-            self.base_state = getattr(self.steps, method)(self.base_state, rows)
+        both = np.concatenate([rows, rows + self.rows]) if self.paired else rows
+        self.state = getattr(self.steps, method)(self.state, both)
+        self.rows = len(rows)
 
 
 def _ints(x) -> np.ndarray | None:
