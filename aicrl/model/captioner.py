@@ -492,7 +492,7 @@ class Captioner:
                       style: str | None, guidance: float | None, fractions: list[float]) -> list[list[list[Hypothesis]]]:
         """The beams of `options`, then, for each of `fractions`, the beams of the same search with the
         style pushed that fraction as hard: all in one search over the images repeated, so that the
-        decoder runs once per word for all of them (one photo's styled caption: about 60 ms less)."""
+        decoder runs once per word for all of them (the same captions, in fewer and fuller decoder calls)."""
         if not fractions:
             return [beam_search(steps, features, options)]
         n, reps = len(features), 1 + len(fractions)
