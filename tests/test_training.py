@@ -161,10 +161,39 @@ def test_style_labels_come_from_the_data(tiny_flickr, tiny_cache, tmp_path):
     guided_greedy = greedy(dec, features, guided)
     guided_beam = beam_search(dec, features, guided)
     assert [g.tokens for g in guided_greedy] == [b[0].tokens for b in guided_beam]
+    assert [g.tokens for g in guided_greedy] == [_guided_by_hand(dec, f, guided) for f in features.numpy()]
     assert all("verse" in model.vocab.decode(h[0].tokens).split()
                for h in model.decode(features, beam_size=3, style="poet", guidance=2.0))
+    # The gentler beams of the styled path, searched with the full ones (images repeated, a weight
+    # per image), are the beams each weight gives alone.
+    options = model.generation_options(len(features), 3, 3, "poet", guidance=2.0)
+    full, half = model._guided_beams(dec, features.numpy(), options, None, "poet", 2.0, [0.5])
+    for weight, together in ((2.0, full), (1.0, half)):
+        alone = beam_search(dec, features.numpy(), model.generation_options(len(features), 3, 3, "poet", guidance=weight))
+        assert [[h.tokens for h in b] for b in together] == [[h.tokens for h in b] for b in alone]
     with pytest.raises(ValueError, match="unknown style"):
         model.decode(features, style="sarcastic")
+
+
+def _guided_by_hand(dec, features, options) -> list[int]:
+    """Greedy guided decoding of one image with two separate decoder states (styled and base): what
+    the search computes with both styles' rows in one state."""
+    from aicrl.decoding import SpecialTokens, StepContext, next_word_logprobs
+
+    specials, styled, base = SpecialTokens(options.start, options.end), options.styles[:1], options.base_styles[:1]
+    state, base_state = dec.start(features[None], styled), dec.start(features[None], base)
+    words: list[int] = []
+    word = options.start
+    for t in range(options.max_length):
+        logits, state, _ = dec.step(np.array([word]), state)
+        base_logits, base_state, _ = dec.step(np.array([word]), base_state)
+        ctx = StepContext(t, np.array([words], dtype=np.int64).reshape(1, t), np.zeros(1, np.int64))
+        ctx.base_logits = specials(base_logits, ctx)
+        word = int(next_word_logprobs(logits, ctx, [specials, *options.processors]).argmax())
+        if word == options.end:
+            break
+        words.append(word)
+    return words
 
 
 def test_repetition_bans_stop_loops_but_not_function_words():
