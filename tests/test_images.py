@@ -49,6 +49,21 @@ def test_exif_orientation_is_applied():
     assert (top[0] > 200 and bottom[2] > 200) or (top[2] > 200 and bottom[0] > 200)
 
 
+def test_big_photos_are_decoded_reduced_whatever_the_format():
+    """A PNG is shrunk as the JPEG decoder's draft mode shrinks a JPEG: both sides stay at least
+    max_side, and a batch of big PNGs does not hold their full-size pixels."""
+    from aicrl.data.images import decode_image
+
+    photo = Image.new("RGB", (2000, 1500), (200, 40, 40))
+    jpeg = io.BytesIO()
+    photo.save(jpeg, format="JPEG")
+    sizes = {fmt: decode_image(data, max_side=224).size for fmt, data in (("png", _png_bytes(photo)),
+                                                                         ("jpeg", jpeg.getvalue()))}
+    assert sizes == {"png": (500, 375), "jpeg": (500, 375)}
+    assert decode_image(_png_bytes(photo)).size == (2000, 1500)  # without max_side: as it is
+    assert decode_image(_png_bytes(photo.resize((300, 250))), max_side=224).size == (300, 250)
+
+
 def test_preprocess_normalises_with_imagenet_stats():
     tensor = preprocess(SAMPLES / "chelsea.jpg")
     assert tensor.shape == (3, 224, 224) and tensor.dtype == torch.float32

@@ -73,10 +73,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _reduced(image: Image.Image, min_side: int) -> Image.Image:
+    """`image` shrunk by the largest of 2, 4 or 8 that keeps both sides at least `min_side` (what the
+    JPEG decoder's draft mode does), or as it is."""
+    factor = 1
+    while factor < 8 and min(image.size) // (factor * 2) >= min_side:
+        factor *= 2
+    return image.reduce(factor) if factor > 1 and image.mode in ("RGB", "RGBA", "RGBX", "L", "LA") else image
+
+
 def decode_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
     """Decode `source` (path, bytes or PIL image) into an upright 8-bit RGB PIL image.
 
-    `max_side` lets the JPEG decoder work at a reduced size (fast for big photos). Raises
+    `max_side` lets the JPEG decoder work at a reduced size (fast for big photos); other formats are
+    reduced the same way once decoded (by 2, 4 or 8, keeping both sides at least `max_side`), so a
+    batch of big PNGs does not hold their full-size pixels. Raises
     ImageTooLargeError over MAX_PIXELS (before decoding) and ImageLoadError for anything unreadable.
     """
     where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
@@ -91,6 +102,8 @@ def decode_image(source: ImageSource, max_side: int | None = None) -> Image.Imag
             if max_side:
                 image.draft("RGB", (max_side, max_side))
             image.load()  # decode now, so a truncated file fails here and not later
+            if max_side:
+                image = _reduced(image, max_side)
             image = ImageOps.exif_transpose(image)
             return _to_rgb(image)
     except ImageLoadError:
