@@ -15,8 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import machine  # noqa: E402
+from speed import machine  # benchmarks/speed.py: Python puts a script's own folder on the path
 
 AICRL = Path(sys.executable).with_name("aicrl")
 
