@@ -11,7 +11,8 @@ every photo. This stage starts from such a model (`init_from`) and
      - Flickr8k captions (factual and styled) with their grid and their concepts,
      - the same without the grid (`grid_dropout`): concepts alone must carry the content,
      - caption text with the concepts it names and no grid (Feng et al. 2019): how people write
-       about zebras and broccoli, learnt from the concepts a tagger would give;
+       about zebras and broccoli, learnt from the concepts a tagger would give (`text_repeats`
+       draws it more than once an epoch: 24k sentences against 44k Flickr8k captions);
   5. keeps the epoch with the best Flickr8k dev CIDEr, checkpointing every epoch (resumable).
 """
 from __future__ import annotations
@@ -61,6 +62,8 @@ class GroundingConfig:
     concept_tokens: int = _option(6, "concept regions per photo (one of them is the person probe)")
     min_freq: int = _option(5, "a word of the text joins the vocabulary when seen this often")
     grid_dropout: float = _option(0.25, "share of photo batches shown without their grid (concepts alone)")
+    text_repeats: int = _option(1, "how many times an epoch the caption text is drawn (more: a larger share of "
+                                   "text batches, for writing from the concepts alone)")
     person_from_caption: bool = _option(False, "the person slot of a photo's concepts says whether the caption "
                                                "names a person (as for caption text), not what the probe sees: the "
                                                "decoder learns to follow it, and writes no one where P(person) is low")
@@ -168,7 +171,7 @@ class Batches:
     def epoch(self, epoch: int) -> list[tuple[str, list]]:
         rng = np.random.default_rng(self.cfg.seed * 1000 + epoch)
         out = []
-        for kind, rows in (("photo", self.photo_rows), ("text", self.text_rows)):
+        for kind, rows in (("photo", self.photo_rows), ("text", self.text_rows * self.cfg.text_repeats)):
             order = rng.permutation(len(rows))
             for i in range(0, len(order), self.cfg.batch_size):
                 batch = [rows[j] for j in order[i:i + self.cfg.batch_size]]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from aicrl.data.features import FeatureCache
-from aicrl.grounding import GroundingConfig, ground, person_slot, prepare, widen
+from aicrl.grounding import Batches, GroundingConfig, ground, person_slot, prepare, widen
 from aicrl.model.captioner import Captioner, default_model_dir
 from aicrl.model.concepts import ConceptTable, SentenceConcepts, concept_names, top_concepts
 
@@ -35,6 +35,16 @@ def test_top_concepts_put_the_person_first_and_drop_the_unlikely():
     ids, probs = top_concepts(words, np.array([0.9, 0.1]), k=3)
     assert ids.tolist() == [[5, 2, 3], [5, 0, 0]]  # 1-based word ids; 5 = person, after the 4 words
     assert np.allclose(probs, [[0.9, 0.7, 0.2], [0.1, 0, 0]])
+
+
+def test_text_repeats_draw_the_caption_text_more_often_an_epoch():
+    def kinds(repeats: int) -> list[str]:
+        cfg = GroundingConfig(init_from="m", data_dir="d", features="f", concepts="c", out="o", batch_size=2,
+                              grid_dropout=0.0, text_repeats=repeats)
+        return [kind for kind, _ in Batches(cfg, photo_rows=list(range(8)), text_rows=list(range(6))).epoch(0)]
+
+    assert (kinds(1).count("photo"), kinds(1).count("text")) == (4, 3)
+    assert (kinds(3).count("photo"), kinds(3).count("text")) == (4, 9)
 
 
 def test_widening_keeps_every_known_word_and_adds_concept_regions(tmp_path, table):
