@@ -26,3 +26,11 @@ def test_a_changed_metric_changes_the_table():
     metrics = json.loads(tables.METRICS.read_text())
     metrics["test_factual"]["coco_caption"]["CIDEr"] = 9.876
     assert "9.876" in tables.quality_table(metrics)
+
+
+def test_an_empty_table_block_is_filled():
+    tables = _tables()
+    metrics = json.loads(tables.METRICS.read_text())
+    filled = tables.render("<!-- table:blind -->\n<!-- /table:blind -->\n", metrics)
+    assert filled.startswith("<!-- table:blind -->\n| rating") and filled.endswith("|\n<!-- /table:blind -->\n")
+    assert tables.render(filled, metrics) == filled
