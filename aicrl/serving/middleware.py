@@ -18,12 +18,30 @@ SECURITY_HEADERS = {
     "permissions-policy": "camera=(), microphone=(), geolocation=()",
 }
 
+# A refused cross-origin body is read up to this much before the answer (see `drain`); past it, the
+# connection is closed instead.
+CROSS_ORIGIN_DRAIN_BYTES = 1 << 20
 
-async def send_json(send, status: int, detail: str) -> None:
+
+async def drain(receive, max_bytes: int) -> bool:
+    """Read and drop the request body, at most `max_bytes` of it; True when it was read to its end."""
+    received = 0
+    while received <= max_bytes:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return received <= max_bytes
+    return False
+
+
+async def send_json(send, status: int, detail: str, close: bool = True) -> None:
     """Answer `{"detail": ...}` straight from the middleware (the app never sees the request)."""
     body = json.dumps({"detail": detail}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -60,7 +78,10 @@ class BodyLimitMiddleware:
             return await self.app(scope, receive, send)
         headers = _headers(scope)
         if not headers.get("content-type", "").lower().startswith(limit.content_type):
-            return await send_json(send, 415, limit.wrong_type)
+            # Read the (bounded) body first: closing on unread bytes resets the connection, and the
+            # client can lose the answer before it reads it.
+            drained = await drain(receive, limit.max_bytes)
+            return await send_json(send, 415, limit.wrong_type, close=not drained)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit.max_bytes):
             return await send_json(send, 413, limit.too_large)
@@ -93,7 +114,8 @@ class SecurityHeadersMiddleware:
             headers = _headers(scope)
             origin, host = headers.get("origin"), headers.get("host", "")
             if origin and origin != "null" and urlsplit(origin).netloc != host:
-                return await send_json(send, 403, "Cross-origin requests are not allowed.")
+                drained = await drain(receive, CROSS_ORIGIN_DRAIN_BYTES)
+                return await send_json(send, 403, "Cross-origin requests are not allowed.", close=not drained)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
