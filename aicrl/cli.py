@@ -524,6 +524,43 @@ def cmd_fit_phrases(args) -> int:
     return 0
 
 
+def _add_fit_once(sub) -> None:
+    p = sub.add_parser("fit-once", help="learn the words a caption says at most once, so that decoding does not loop on them",
+                       description="Count, in human captions (the Flickr8k training captions, and --text-file), "
+                       "how often each content word is said twice in one caption, and record in the model's "
+                       "vocab.json those said twice in under --max-share of the captions that use them "
+                       "(\"kitchen\", \"field\"; not \"man\" or \"white\"). With config mention_once, "
+                       "decoding then says each of them at most once (\"a kitchen in a kitchen\" cannot "
+                       "happen). `aicrl train` and `aicrl ground` record them already; this is for a model folder "
+                       "made before, or more text.")
+    p.add_argument("--model", metavar="DIR", help="model folder (default: the model shipped with the package)")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="Flickr8k folder (its train captions)")
+    p.add_argument("--text-file", metavar="FILE", help="more human captions, one {\"caption\": ...} per line "
+                   "(e.g. the COCO caption text)")
+    p.add_argument("--max-share", type=float, default=0.02, metavar="SHARE",
+                   help="said twice in fewer than this share of the captions using it (default 0.02)")
+    p.add_argument("--min-captions", type=int, default=30, metavar="N",
+                   help="only words used by at least N captions (default 30)")
+    p.set_defaults(func=cmd_fit_once)
+
+
+def cmd_fit_once(args) -> int:
+    from .data.datasets import load_dataset, read_caption_text
+    from .data.vocab import Vocabulary, said_once
+    from .model.captioner import default_model_dir
+    from .model.folder import ModelFolder
+
+    folder = ModelFolder(args.model or default_model_dir())
+    captions = [r.caption for r in load_dataset("flickr8k", args.data_dir).select("train")]
+    if args.text_file:
+        captions += read_caption_text(args.text_file)
+    old = Vocabulary.load(folder.vocab)
+    vocab = Vocabulary(old.itos, said_once(captions, args.max_share, args.min_captions))
+    vocab.save(folder.vocab)
+    print(json.dumps({"file": str(folder.vocab), "captions": len(captions), "said_once": len(vocab.once),
+                      "before": len(old.once), "max_share": args.max_share, "min_captions": args.min_captions}))
+    return 0
+
 # the commands that need torch (main() says so without it); the first three take their options from
 # TrainConfig, in the torch-importing training.py
 TORCH_COMMANDS = ("train", "search", "ground", "fit-fluency", "fit-people")
@@ -647,7 +684,7 @@ def build_parser(full: bool = True) -> argparse.ArgumentParser:
         "attention LSTM decoder. Caption photos, train and evaluate models, serve the web app.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages too (to stderr)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export, _add_fit_phrases,
+    for add in (_add_caption, add_serve, add_index, _add_evaluate, _add_export, _add_fit_phrases, _add_fit_once,
                 _add_fit_fluency, _add_fit_people):
         add(sub)
     if full:

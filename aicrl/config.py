@@ -28,8 +28,9 @@ class CaptionerConfig:
     # how hard a non-default style is pushed away from the default one: one weight, or one per style
     style_guidance: float | dict[str, float] = 0.0
     block_repeats: bool = True  # no content-word loops ("blue shirt and blue shirt", a word a third time)
-    # with a concept table: the names of things (its words, but people and dogs) at most once a caption
-    # ("a pizza with a pizza on it", "a cat is on a cat")
+    # at most once a caption: the names of things (a concept table's words, but people and dogs: "a pizza
+    # with a pizza on it") and the words the training captions almost never repeat (vocab.json
+    # "said_once": "a kitchen in a kitchen")
     mention_once: bool = False
     # Grounding (model/concepts.py): the photo's `concept_tokens` most likely concepts (ImageNet classes
     # as caption words, and "person") join the grid as extra regions the decoder attends to; 0: none.

@@ -3,7 +3,8 @@
 A decoder trained on Flickr8k alone knows Flickr8k's world (people and dogs) and writes it into
 every photo. This stage starts from such a model (`init_from`) and
   1. widens its vocabulary with the words of caption text from outside Flickr8k (COCO captions,
-     text only) and of the concept table (new words start from the mean of the known ones);
+     text only) and of the concept table (new words start from the mean of the known ones), and
+     records the words all that factual text says at most once a caption (data/vocab.py said_once);
   2. fits the person probe (model/concepts.py PersonHead): ImageNet has no person class;
   3. gives the decoder concept regions (config.concept_tokens): the photo's most likely concepts
      (ImageNet head -> caption words, concepts.json; and the person probe) join the grid;
@@ -30,7 +31,7 @@ from tqdm import tqdm
 
 from .data.datasets import FACTUAL, load_dataset, read_caption_text, read_style_jsonl
 from .data.features import FeatureCache
-from .data.vocab import Vocabulary, tokenize
+from .data.vocab import Vocabulary, said_once, tokenize
 from .evaluation import caption_images, diversity, quick_scores
 from .model.captioner import Captioner
 from .model.concepts import (PERSON_WORDS, ConceptTable, PersonHead, SentenceConcepts, concept_names,
@@ -122,12 +123,13 @@ def fit_person_mix(probe: np.ndarray, detections: np.ndarray, captions: list[lis
     return mix, float(accuracy)
 
 
-def widen(model: Captioner, words: list[str], table: ConceptTable, k: int) -> Captioner:
-    """The same model with `words` appended to its vocabulary and `k` concept regions; every weight
-    with a vocabulary axis gets new rows, the mean of the old ones (a new word starts as an average
-    word), and the decoder gains its concept embeddings."""
+def widen(model: Captioner, words: list[str], table: ConceptTable, k: int, once: list[str] | None = None) -> Captioner:
+    """The same model with `words` appended to its vocabulary (and `once` its words said at most once
+    a caption, else the model's) and `k` concept regions; every weight with a vocabulary axis gets
+    new rows, the mean of the old ones (a new word starts as an average word), and the decoder gains
+    its concept embeddings."""
     new_words = [w for w in dict.fromkeys(words) if w not in model.vocab.stoi]
-    vocab = Vocabulary([*model.vocab.itos, *new_words])
+    vocab = Vocabulary([*model.vocab.itos, *new_words], model.vocab.once if once is None else once)
     old_v = len(model.vocab)
     cfg = type(model.config)(**asdict(model.config))
     cfg.vocab_size, cfg.concept_tokens, cfg.num_concepts = len(vocab), k, len(concept_names(table))
@@ -258,7 +260,8 @@ def prepare(cfg: GroundingConfig) -> GroundingRun:
     new_words = sorted((w for w, n in counts.items() if n >= cfg.min_freq), key=lambda w: (-counts[w], w))
     new_words += [w for name in concept_names(table) for w in name.split()]
     start = Captioner.from_pretrained(cfg.init_from, backend="torch").to("cpu")
-    model = widen(start, new_words, table, cfg.concept_tokens)
+    once = said_once([r.caption for r in data.select("train")] + text)  # of all the factual text it learns
+    model = widen(start, new_words, table, cfg.concept_tokens, once)
     # From a grounded model the stage trains on: its concepts' embeddings, its person head (with the
     # detectors' mix) and its detectors stay, and its fluency judge where the words keep their ids.
     grounded = bool(start.config.concept_tokens)

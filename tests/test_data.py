@@ -6,7 +6,7 @@ import pytest
 
 from aicrl.data.datasets import read_coco_dir, read_flickr8k, read_style_jsonl
 from aicrl.data.features import FeatureCache, extract_features
-from aicrl.data.vocab import Vocabulary, tokenize
+from aicrl.data.vocab import Vocabulary, said_once, tokenize
 
 from .tiny_data import shape_image
 
@@ -26,6 +26,40 @@ def test_vocabulary_min_freq_round_trip(tmp_path):
     assert Vocabulary.load(tmp_path / "vocab.json").itos == vocab.itos
     assert vocab.decode(vocab.encode("a dog")) == "a dog"
 
+
+def test_said_once_is_what_people_almost_never_say_twice_in_a_caption(tmp_path):
+    captions = (["a kitchen with a stove", "a dog in a kitchen"] * 20 + ["a black dog and a brown dog"] * 3
+                + ["a dog on grass"] * 10 + ["a zebra and a zebra"] + ["a zebra in a field"] * 59)
+    once = said_once(captions)
+    assert "kitchen" in once and "field" in once  # 40 and 59 captions, never twice
+    assert "zebra" in once  # twice in 1 of its 60 captions: under 2%
+    assert "dog" not in once  # twice in 3 of its 33
+    assert "stove" not in once and "a" not in once and "and" not in once  # 20 captions are too few; function words
+    assert "zebra" not in said_once(captions, max_share=0.01)
+    vocab = Vocabulary.build(captions, min_freq=1)
+    assert vocab.once == set(once)
+    vocab.save(tmp_path / "vocab.json")
+    assert Vocabulary.load(tmp_path / "vocab.json").once == vocab.once
+    (tmp_path / "old.json").write_text(json.dumps({"itos": vocab.itos}))  # a folder from before said_once
+    assert Vocabulary.load(tmp_path / "old.json").once == frozenset()
+    assert Vocabulary(vocab.itos, ["kitchen", "not-a-word"]).once == {"kitchen"}
+
+def test_fit_once_records_the_words_said_once_in_a_model_folder(web_model_dir, tiny_flickr, tmp_path, capsys):
+    import shutil
+
+    from aicrl.cli import main
+
+    model = shutil.copytree(web_model_dir, tmp_path / "model")
+    text = tmp_path / "text.jsonl"  # horses come one to a caption, grass twice in many
+    text.write_text("".join(json.dumps({"caption": c}) + "\n"
+                            for c in ["a man riding a horse"] * 40 + ["a dog runs on grass by grass"] * 20
+                            + ["a dog on grass"] * 20))
+    assert main(["fit-once", "--model", str(model), "--data-dir", str(tiny_flickr), "--text-file", str(text)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    once = Vocabulary.load(model / "vocab.json").once
+    assert report["said_once"] == len(once) and report["captions"] > 80
+    assert "horse" in once and "grass" not in once and "a" not in once
+    assert Vocabulary.load(model / "vocab.json").itos == Vocabulary.load(web_model_dir / "vocab.json").itos
 
 def test_flickr8k_reader_splits_and_skips_the_bogus_key(tiny_flickr, caplog):
     with caplog.at_level(logging.WARNING):

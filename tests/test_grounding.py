@@ -205,6 +205,12 @@ def test_mention_once_covers_the_names_of_things_but_not_people_dogs_or_adjectiv
     once = model._mentioned_once()
     named = {w for w, flag in zip(model.vocab.itos, once) if flag}
     assert {"pizza", "cat", "horse"} <= named and not named & {"man", "dog", "young", "shirt", "a", "riding"}
+    # and the words the training captions say at most once (vocab.json said_once), with or without a table
+    model.vocab = type(model.vocab)(model.vocab.itos, ["shirt"])
+    assert model._mentioned_once()[model.vocab.stoi["shirt"]]
+    model.concept_table = None
+    model.vocab = type(model.vocab)(model.vocab.itos, ["shirt"])
+    assert {w for w, flag in zip(model.vocab.itos, model._mentioned_once()) if flag} == {"shirt"}
 
 
 def test_fit_people_writes_the_mix_of_probe_and_detectors(grounded, tiny_flickr, tiny_cache, tmp_path, capsys):

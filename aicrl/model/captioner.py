@@ -395,12 +395,17 @@ class Captioner:
         return [_pooled([b], [c])[0] if f else b for b, c, f in zip(beams, clean, false)]
 
     def _mentioned_once(self) -> np.ndarray | None:
-        """(V,) the words config.mention_once allows once a caption (Agreement.named_once), built
-        once per vocabulary; None when off."""
-        if not (self.config.mention_once and self.concept_table is not None):
+        """(V,) the words config.mention_once allows once a caption: the names of things
+        (Agreement.named_once, with a concept table) and the words the training captions say at most
+        once (vocab.once); built once per vocabulary; None when off."""
+        if not self.config.mention_once:
             return None
         if getattr(self, "_once_for", None) is not self.vocab.stoi:
-            self._once_for, self._once = self.vocab.stoi, self._checker().named_once(self.vocab.stoi)
+            once = np.zeros(len(self.vocab), dtype=bool)
+            if self.concept_table is not None:
+                once |= self._checker().named_once(self.vocab.stoi)
+            once[[self.vocab.stoi[w] for w in self.vocab.once]] = True
+            self._once_for, self._once = self.vocab.stoi, once
         return self._once
 
     def _fluency_bonus(self, hyps: list[Hypothesis]) -> np.ndarray:
