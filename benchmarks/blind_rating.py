@@ -14,6 +14,8 @@ tell which is which (procedure: docs/blind_rating.md).
     python benchmarks/blind_rating.py make-truth --captions before=B.json after=A.json \
         --photos-dir ../shared/data/coco_mini --images-of docs/ratings/OLD/key.csv --out docs/ratings/NAME
     python benchmarks/blind_rating.py truth docs/ratings/NAME
+    # how factual captions read: the captions of truth sheets, without the photos, scored as above
+    python benchmarks/blind_rating.py make-form docs/ratings/TRUTH1 docs/ratings/TRUTH2 --out docs/ratings/NAME
 
 H.json, R.json: `aicrl evaluate --style S --captions FILE` output ({image: caption}, FlickrStyle dev).
 People's captions are drawn from the same style's dev references, one per image, of other images
@@ -93,8 +95,9 @@ def score(args) -> None:
     if not readers:
         raise SystemExit(f"{folder}: no ratings*.csv yet")
     ids = sorted(set.intersection(*(set(r) for r in readers.values())), key=int)
-    mark = {(name, i, what): int(rated[i][what]) for name, rated in readers.items() for i in ids
-            for what in ("well_formed", "witty")}
+    # factual captions are rated for well-formed only: their sheets have no witty column
+    marks = [w for w in ("well_formed", "witty") if all(w in rated[ids[0]] for rated in readers.values())]
+    mark = {(name, i, what): int(rated[i][what]) for name, rated in readers.items() for i in ids for what in marks}
     groups: dict[tuple[str, str], list[str]] = {}
     for i in ids:
         groups.setdefault((key[i]["source"], key[i]["style"]), []).append(i)
@@ -106,14 +109,13 @@ def score(args) -> None:
     result: dict = {"readers": names}
     for (source, style), members in sorted(groups.items(), key=lambda kv: (kv[0][0] == "human", kv[0][1], kv[0][0])):
         mean = {what: sum(mark[(n, i, what)] for n in names for i in members) / (len(names) * len(members))
-                for what in ("well_formed", "witty")}
-        each = {n: {what: sum(mark[(n, i, what)] for i in members) / len(members) for what in ("well_formed", "witty")}
-                for n in names}
+                for what in marks}
+        each = {n: {what: sum(mark[(n, i, what)] for i in members) / len(members) for what in marks} for n in names}
         result[f"{source}_{style}"] = {"n": len(members), **{k: round(v, 3) for k, v in mean.items()},
                                        "by_reader": {n: {k: round(v, 3) for k, v in e.items()} for n, e in each.items()}}
-        line = f"| {source}, {style} | {len(members)} | {mean['well_formed']:.0%} | {mean['witty']:.0%} |"
+        line = f"| {source}, {style} | {len(members)} | {mean['well_formed']:.0%} | {_share(mean.get('witty'))} |"
         if per_reader:
-            line += "".join(f" {e['well_formed']:.0%}, {e['witty']:.0%} |" for e in each.values())
+            line += "".join(f" {e['well_formed']:.0%}, {_share(e.get('witty'))} |" for e in each.values())
         print(line)
     if per_reader:
         result["kappa_well_formed"] = round(_kappa([mark[(names[0], i, "well_formed")] for i in ids],
@@ -152,12 +154,18 @@ def score(args) -> None:
         model.merge_metrics({"blind_ratings": ratings | {folder.name: result}})
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def make_truth(args) -> None:
     """A truth sheet (id, photo, caption, verdict) of each system's captions of the same photos,
     shuffled together, and its key (id, source, image): docs/blind_rating.md, "Truth to the photo"."""
     rng = random.Random(args.seed)
     systems = {name: json.loads(Path(path).read_text()) for name, path in (c.split("=", 1) for c in args.captions)}
     images = sorted(set.intersection(*(set(c) for c in systems.values())))
+    if args.changed_only:  # rate what a change changed
+        images = [i for i in images if len({c[i] for c in systems.values()}) > 1]
     if args.images_of:  # the photos of an earlier sheet, so that ratings can be compared
         wanted = {r["image"] for r in csv.DictReader(open(args.images_of))}
         images = [i for i in images if i in wanted]
@@ -178,6 +186,27 @@ def make_truth(args) -> None:
         w.writerow(["id", "source", "image"])
         w.writerows([n, system, image] for n, (system, image, _) in enumerate(rows, 1))
     print(f"{len(rows)} captions of {len(images)} photos -> {out}/sheet.csv (key: {out}/key.csv)")
+
+
+def make_form(args) -> None:
+    """A well-formed sheet (id, caption, well_formed) of the captions of truth sheets, shuffled together,
+    for readers who do not see the photos; its key (id, source, style, image) for `score`."""
+    rows = []
+    for folder in map(Path, args.truth_sheets):
+        key = {r["id"]: r for r in csv.DictReader(open(folder / "key.csv"))}
+        rows += [(key[r["id"]]["source"], key[r["id"]]["image"], r["caption"]) for r in csv.DictReader(open(folder / "sheet.csv"))]
+    random.Random(args.seed).shuffle(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "sheet.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "caption", "well_formed"])
+        w.writerows([n, caption, ""] for n, (_, _, caption) in enumerate(rows, 1))
+    with open(out / "key.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "source", "style", "image"])
+        w.writerows([n, source, "factual", image] for n, (source, image, _) in enumerate(rows, 1))
+    print(f"{len(rows)} captions -> {out}/sheet.csv (key: {out}/key.csv)")
 
 
 def truth(args) -> None:
@@ -218,12 +247,18 @@ def main() -> None:
                    help="record the results in this model folder's metrics.json, under blind_ratings "
                         "(no value: the shipped model)")
     s.set_defaults(func=score)
+    mf = sub.add_parser("make-form", help="write a well-formed sheet of the captions of truth sheets (no photos)")
+    mf.add_argument("truth_sheets", nargs="+", metavar="FOLDER", help="folders made by make-truth")
+    mf.add_argument("--seed", type=int, default=0)
+    mf.add_argument("--out", required=True)
+    mf.set_defaults(func=make_form)
     mt = sub.add_parser("make-truth", help="write a truth sheet (captions of photos the reader sees) and its key")
     mt.add_argument("--captions", nargs="+", required=True, metavar="SYSTEM=FILE",
                     help="factual captions ({image: caption}) of one system; all are rated on the same photos")
     mt.add_argument("--photos-dir", required=True, help="the folder the image names are relative to")
     mt.add_argument("--photos", type=int, default=30, help="photos drawn at random (default 30)")
     mt.add_argument("--images-of", metavar="KEY", help="the photos of this earlier key.csv instead of a draw")
+    mt.add_argument("--changed-only", action="store_true", help="only photos whose captions differ between the systems")
     mt.add_argument("--seed", type=int, default=0)
     mt.add_argument("--out", required=True)
     mt.set_defaults(func=make_truth)

@@ -122,14 +122,15 @@ def grounding_table(metrics: dict) -> str:
 
 
 def blind_table(metrics: dict) -> str:
-    """Blind ratings of styled captions (benchmarks/blind_rating.py, docs/blind_rating.md)."""
+    """Blind ratings of how captions read (benchmarks/blind_rating.py, docs/blind_rating.md); factual
+    captions are not rated witty."""
     lines = ["| rating (docs/ratings/) | captions | n | well-formed | witty |", "|---|---|---:|---:|---:|"]
     for name, result in metrics.get("blind_ratings", {}).items():
         for group, r in result.items():
             if isinstance(r, dict) and "well_formed" in r:
                 source, style = group.rsplit("_", 1)
                 label = "people" if source == "human" else source
-                lines.append(f"| {name} | {label}, {style} | {r['n']} | {_pct(r['well_formed'])} | {_pct(r['witty'])} |")
+                lines.append(f"| {name} | {label}, {style} | {r['n']} | {_pct(r['well_formed'])} | {_pct(r.get('witty')) or '-'} |")
     return "\n".join(lines)
 
 
