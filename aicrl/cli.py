@@ -347,7 +347,10 @@ def _add_evaluate(sub) -> None:
                        description="Caption every image of a split with beam search and score the captions "
                        "with the coco-caption toolkit (pycocoevalcap) and NLTK corpus BLEU. With --style "
                        "(and --style-file) it scores styled captions on the style file's dev images: BLEU, "
-                       "METEOR, CIDEr against styled references, style accuracy and content overlap.")
+                       "METEOR, CIDEr against styled references, style accuracy and content overlap. It "
+                       "runs the model as `aicrl caption` and the web app do (ONNX Runtime where the folder "
+                       "has a valid export), so the scores are the product's; --backend torch for the "
+                       "training path.")
     _model_and_dataset(p)
     p.add_argument("--split", default="test", help="train, dev, test or all (every image of the folder; "
                    "for a small sample like coco_mini) (default test)")
@@ -367,7 +370,7 @@ def _add_evaluate(sub) -> None:
                    "reading them, or a blind rating: docs/blind_rating.md)")
     p.add_argument("--save-to-model", action="store_true",
                    help="also record the results in the model folder's metrics.json")
-    add_backend(p, default="torch")
+    add_backend(p)
     add_device_option(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -393,7 +396,7 @@ def cmd_evaluate(args) -> int:
         sys.exit(f"aicrl: {e}")
     features_of = features_source(captioner, data.image_dir, args.features)
     people_of = people_source(captioner, data.image_dir)
-    settings = {"model": args.model or "shipped", "beam_size": args.beam_size,
+    settings = {"model": args.model or "shipped", "backend": captioner.backend, "beam_size": args.beam_size,
                 "length_penalty": captioner.config.length_penalty, "style_guidance": captioner.config.style_guidance}
     if args.style and args.style != FACTUAL:
         if not args.style_file:

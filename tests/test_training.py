@@ -276,7 +276,7 @@ def test_evaluate_command_scores_with_the_coco_toolkit(trained, tiny_flickr, tin
     scores = result["coco_caption"]
     assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(scores) and 0 <= scores["BLEU-1"] <= 1
     assert set(result["nltk_corpus_bleu"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
-    assert result["images"] == 2
+    assert result["images"] == 2 and result["backend"] == "torch"  # what ran it: this folder has no ONNX export
 
     # --save-to-model files each decoding under its own key in the model's metrics.json
     import shutil
