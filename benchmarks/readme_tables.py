@@ -66,6 +66,13 @@ def _f(x) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
+def _label(label: str, result: dict) -> str:
+    """A row's label; results that `aicrl evaluate` got on torch (its default before it recorded a
+    backend) say so: the product runs ONNX Runtime, which writes another best caption for a fifth of
+    the photos (torch's bf16 autocast against fp32)."""
+    return label if result.get("backend") == "onnx" else f"{label} (torch)"
+
+
 def _pct(x) -> str:
     return "" if x is None else f"{100 * x:.1f}%"
 
@@ -81,7 +88,7 @@ def quality_table(metrics: dict) -> str:
         if key not in metrics:
             continue
         scores, div = metrics[key]["coco_caption"], metrics[key].get("diversity", {})
-        lines.append(f"| {label} | " + " | ".join(_f(scores.get(k)) for k in COCO)
+        lines.append(f"| {_label(label, metrics[key])} | " + " | ".join(_f(scores.get(k)) for k in COCO)
                      + f" | {div.get('distinct_words', '')} | {div.get('distinct_captions', '')} | {_top(div)} |")
     for label, scores in PUBLISHED:
         lines.append(f"| {label} | " + " | ".join(_f(scores.get(k)) for k in COCO) + " | | | |")
@@ -98,7 +105,7 @@ def style_table(metrics: dict) -> str:
             continue
         m = metrics[key]
         div = m.get("diversity", {})
-        lines.append(f"| {label} | {_f(m.get('BLEU-1'))} | "
+        lines.append(f"| {_label(label, m)} | {_f(m.get('BLEU-1'))} | "
                      f"{_f(m.get('BLEU-3'))} | {_f(m.get('METEOR'))} | {_f(m.get('CIDEr'))} | "
                      f"{_pct(m.get('style_accuracy'))} | {_pct(m.get('content_overlap'))} | {_top(div)} | "
                      f"{div.get('distinct_captions', '')} | {_pct(m.get('grammar_error_rate'))} | "
@@ -115,7 +122,7 @@ def grounding_table(metrics: dict) -> str:
             continue
         scores, chair, tags = metrics[key]["coco_caption"], g.get("chair", {}), g.get("tags", {})
         chair, tags = (x if isinstance(x, dict) else {} for x in (chair, tags))
-        lines.append(f"| {label} | {_f(scores.get('BLEU-4'))} | {_f(scores.get('CIDEr'))} | {_f(chair.get('chair_s'))} "
+        lines.append(f"| {_label(label, metrics[key])} | {_f(scores.get('BLEU-4'))} | {_f(scores.get('CIDEr'))} | {_f(chair.get('chair_s'))} "
                      f"| {_f(chair.get('chair_i'))} | {_pct(g['person_dog_hallucination']['person_or_dog'])} "
                      f"| {_pct(tags.get('tag_agreement'))} |")
     return "\n".join(lines)
