@@ -28,6 +28,10 @@ def test_sentence_concepts_find_what_a_caption_names(table):
     assert found[:1] == ["zebra"] and "dog" in found and "person" == found[-1]
     assert "hot dog" in found  # the two-word name wins over "dog"
     assert find("a red square on a white background".split()) == []
+    # words that describe name nothing: no animal in "two young girls", no orange in "an orange shirt"
+    described = [names[i - 1] for i in find("two young girls in an orange shirt and a giant hat".split())]
+    assert "animal" not in described and "orange" not in described and "hat" in described
+    assert [names[i - 1] for i in find("a bowl of oranges and an electric guitar".split())][-2:] == ["orange", "electric guitar"]
 
 
 def test_top_concepts_put_the_person_first_and_drop_the_unlikely():

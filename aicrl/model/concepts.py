@@ -39,10 +39,13 @@ dog dogs puppy puppies pup pups doggy doggie canine canines hound hounds terrier
 poodles retriever retrievers labrador labradors collie collies spaniel spaniels bulldog bulldogs
 beagle beagles greyhound greyhounds husky huskies dachshund dachshunds pug pugs sheepdog mutt
 """.split())
-# One-word forms of COCO classes that also describe, or name no one thing ("a young man", "an orange
-# shirt", "an animal"): `Agreement.named_once` leaves them free to repeat.
-NOT_THINGS = frozenset("young male female males females human giant lower upper electric delicious orange semi "
-                       "launch launches commuter console animal animals creature pet pets".split())
+# One-word forms of concept words that captions mostly use to describe ("a young man", "an orange
+# shirt", "a giant clock", "a delicious pizza"): in a caption they name no concept (SentenceConcepts),
+# or "two young girls" would claim an animal and "a man in an orange shirt" an orange.
+DESCRIBING = frozenset("young male female males females human giant lower upper electric delicious orange semi "
+                       "launch launches commuter console".split())
+# ...and with the words that name no one thing ("an animal"), free to repeat (`Agreement.named_once`).
+NOT_THINGS = DESCRIBING | frozenset("animal animals creature pet pets".split())
 _IRREGULAR_PLURALS = {"man": "men", "woman": "women", "child": "children", "person": "people",
                       "mouse": "mice", "goose": "geese", "foot": "feet", "tooth": "teeth", "ox": "oxen",
                       "sheep": "sheep", "fish": "fish", "deer": "deer", "bison": "bison",
@@ -240,7 +243,7 @@ class SentenceConcepts:
         # A form names the concept whose own word it is ("zebras": zebra), else the narrowest concept
         # that has it among its kinds (not "animal", which has them all).
         for i, forms in [*own.items(), *sorted(kinds.items(), key=lambda kv: len(kv[1]))]:
-            for form in sorted(forms):
+            for form in sorted(forms - DESCRIBING):
                 self.forms.setdefault(tuple(form.split()), i)
         self.longest = max(len(f) for f in self.forms)
 
