@@ -32,6 +32,8 @@ def test_sentence_concepts_find_what_a_caption_names(table):
     described = [names[i - 1] for i in find("two young girls in an orange shirt and a giant hat".split())]
     assert "animal" not in described and "orange" not in described and "hat" in described
     assert [names[i - 1] for i in find("a bowl of oranges and an electric guitar".split())][-2:] == ["orange", "electric guitar"]
+    # an activity names its gear: skiing is not "missing" the skis
+    assert [names[i - 1] for i in find("a man is skiing down a snowy hill".split())] == ["ski", "person"]
 
 
 def test_top_concepts_put_the_person_first_and_drop_the_unlikely():

@@ -39,6 +39,13 @@ dog dogs puppy puppies pup pups doggy doggie canine canines hound hounds terrier
 poodles retriever retrievers labrador labradors collie collies spaniel spaniels bulldog bulldogs
 beagle beagles greyhound greyhounds husky huskies dachshund dachshunds pug pugs sheepdog mutt
 """.split())
+# An activity names its gear: "a man is skiing" names the skis the ImageNet head sees, so the check
+# does not call them missed (`ConceptTable.words_of`). Only activities that need the thing.
+ACTIVITIES = {word: frozenset(forms.split()) for word, forms in {
+    "ski": "skiing", "snowmobile": "snowmobiling", "canoe": "canoeing kayaking", "sled": "sledding",
+    "dog sled": "sledding", "parachute": "parachuting skydiving parasailing", "snorkel": "snorkeling",
+    "bike": "biking cycling bicycling", "mountain bike": "biking cycling", "sailboat": "sailing",
+    "unicycle": "unicycling"}.items()}  # not "swinging": people swing bats and arms
 # One-word forms of concept words that captions mostly use to describe ("a young man", "an orange
 # shirt", "a giant clock", "a delicious pizza"): in a caption they name no concept (SentenceConcepts),
 # or "two young girls" would claim an animal and "a man in an orange shirt" an orange.
@@ -144,10 +151,10 @@ class ConceptTable:
         return rows
 
     def words_of(self, word: str) -> set[str]:
-        """The forms a caption may use for `word`: itself, its plural, and the kinds WordNet puts
-        under it that captions use ("dog" -> "dogs", "puppy", "puppies", ...)."""
+        """The forms a caption may use for `word`: itself, its plural, the kinds WordNet puts under it
+        that captions use ("dog" -> "dogs", "puppy", "puppies", ...), and its activity ("skiing")."""
         named = {"person": PERSON_WORDS, "man": PERSON_WORDS, "dog": DOG_WORDS}.get(word, frozenset())
-        return set(self._forms.get(word, ())) | named | {word, plural(word)}
+        return set(self._forms.get(word, ())) | named | ACTIVITIES.get(word, frozenset()) | {word, plural(word)}
 
     def coco_of(self, word: str) -> str | None:
         """The COCO class of a word's classes (the first that has one), or None."""
